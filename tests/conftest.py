@@ -1,0 +1,94 @@
+"""
+Fixtures: tiny checkpoints in the real HF formats, written by transformers' own
+save_pretrained into temp dirs, plus a tiny byte-level BPE tokenizer with Qwen's special
+tokens. Our loader reads them through the same code path as a real 7B folder.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>"]
+
+# Tiny but not trivial: GQA, explicit Qwen3 head_dim, uneven M-RoPE sections, and a vision
+# depth of 18 so the release's schedule (full [7, 15], query-aware >= 16) exists at this size.
+TINY_VISION = dict(depth=18, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                   fullatt_block_indexes=[7, 15, 17], window_size=112, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2, in_channels=3)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)
+
+CORPUS = [
+    "You are a helpful assistant. Your goal is to solve the problem in the provided image(s).",
+    "<think> I should zoom in on the top left corner to read the digit. </think>",
+    '<tool> {"region": [{"index": 0, "bbox_2d": [10, 20, 30, 40]}], "query": "read the digit"} </tool>',
+    "<answer> B </answer> The index of the provided image is 0. width height Question: How many dots?",
+    "0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz .,:;!?()[]{}\"'<>/\\-_=+*&%$#@ \n",
+]
+
+
+def build_tokenizer(out_dir, vocab_size=400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIALS[1:])
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def tiny_qwen25vl_config(tok, **text_overrides):
+    from transformers import Qwen2_5_VLConfig
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
+    text = dict(TINY_TEXT, vocab_size=len(tok), **text_overrides)
+    return Qwen2_5_VLConfig(vision_config=dict(TINY_VISION), text_config=text,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+
+
+@pytest.fixture(scope="session")
+def stock_dir(tmp_path_factory, tokenizer):
+    """A stock Qwen2.5-VL folder (nested config layout, as transformers 4.57 writes it)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)
+    d = str(tmp_path_factory.mktemp("qwen25vl"))
+    Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory, tokenizer):
+    """A Qwen3-Embedding-style folder (a Qwen3Model: keys without the `model.` prefix)."""
+    from transformers import Qwen3Config, Qwen3Model
+    torch.manual_seed(1)
+    d = str(tmp_path_factory.mktemp("qwen3emb"))
+    Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), **TINY_QWEN3)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def token_ids(tokenizer):
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
