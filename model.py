@@ -65,6 +65,38 @@ INTEGRATION_POINTS = {
 VILAVT_FULLATT = [7, 15]  # ViLaVT's per-image full layers (stock: [7, 15, 23, 31])
 
 
+
+
+def tiny_config(vocab_size, image_token_id):
+    """The CPU-sized ViLaVT of the embedded default (`python sft.py`): the 7B's structure in
+    miniature. Vision depth 8 with the release's schedule scaled down: window layers 0-2,
+    per-image full layer 3, query-aware layers 4-7 (7B: 0-14 / 7, 15 / 16-31)."""
+    lm = LMConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6), image_token_id=image_token_id)
+    vision = VisionConfig(depth=8, hidden_size=64, intermediate_size=172, num_heads=4, out_hidden_size=128,
+                          fullatt_block_indexes=(3,), query_layers=(4, 5, 6, 7), text_dim=64)
+    inquiry = InquiryConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    raw = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+           "hidden_size": lm.hidden_size, "intermediate_size": lm.intermediate_size,
+           "num_hidden_layers": lm.num_hidden_layers, "num_attention_heads": lm.num_attention_heads,
+           "num_key_value_heads": lm.num_key_value_heads, "vocab_size": vocab_size, "rms_norm_eps": lm.rms_norm_eps,
+           "rope_theta": lm.rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": list(lm.mrope_section)},
+           "tie_word_embeddings": False, "image_token_id": image_token_id, "hidden_act": "silu",
+           "vision_config": {"depth": vision.depth, "hidden_size": vision.hidden_size,
+                             "intermediate_size": vision.intermediate_size, "num_heads": vision.num_heads,
+                             "out_hidden_size": vision.out_hidden_size, "patch_size": 14, "spatial_merge_size": 2,
+                             "temporal_patch_size": 2, "window_size": 112, "in_channels": 3,
+                             "fullatt_block_indexes": list(vision.fullatt_block_indexes), "hidden_act": "silu"}}
+    inquiry.raw = {"model_type": "qwen3", "architectures": ["Qwen3Model"], "vocab_size": vocab_size,
+                   "hidden_size": inquiry.hidden_size, "intermediate_size": inquiry.intermediate_size,
+                   "num_hidden_layers": inquiry.num_hidden_layers, "num_attention_heads": inquiry.num_attention_heads,
+                   "num_key_value_heads": inquiry.num_key_value_heads, "head_dim": inquiry.head_dim,
+                   "rms_norm_eps": inquiry.rms_norm_eps, "rope_theta": inquiry.rope_theta, "hidden_act": "silu",
+                   "tie_word_embeddings": True}
+    return ViLaVTConfig(lm=lm, vision=vision, inquiry=inquiry, raw=raw)
+
+
 # -----------------------------------------------------------------------------
 # Config files
 
@@ -417,6 +449,23 @@ class ViLaVT(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, pixel_values, grid_thw, query_ids, query_mask,
                                                image_to_query, **kw))
 
+    def token_logprobs(self, hidden, targets, chunk=1024):
+        """log p(target) at every position (B, T) from hidden states (B, T, C), in fp32.
+        The lm_head runs chunk by chunk (under activation checkpointing when training), so the
+        (T x vocab) fp32 logits of a 24k-token sample never exist at once. targets < 0 give 0."""
+        def piece(h, t):
+            logits = self.lm_head(h).float()
+            lp = torch.gather(logits.log_softmax(-1), -1, t.clamp(min=0)[..., None])[..., 0]
+            return lp * (t >= 0)
+        out = []
+        for s in range(0, hidden.shape[1], chunk):
+            h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+            if torch.is_grad_enabled() and h.requires_grad:
+                out.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
+            else:
+                out.append(piece(h, t))
+        return torch.cat(out, 1)
+
     def new_cache(self, batch, max_len, dtype=None, device=None):
         cfg = self.cfg.lm
         w = self.lm_head.weight
@@ -462,41 +511,47 @@ class ViLaVT(nn.Module):
         return model.eval()
 
     def save_pretrained(self, out_dir, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors (sharded with an index when large), each file
-        atomically (temp file + rename). Keys are the release's, so the stock part loads in
-        transformers and a ViLaVT folder loads back here bit-exactly."""
-        os.makedirs(out_dir, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.cfg.lm.tie_word_embeddings:
-            sd.pop("lm_head.weight")
-        shards, cur, size = [], {}, 0
-        for k in sorted(sd):
-            nbytes = sd[k].numel() * sd[k].element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = sd[k]
-            size += nbytes
-        shards.append(cur)
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            _atomic(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(shards[0], p, metadata=meta))
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for name, shard in zip(names, shards):
-                _atomic(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata=meta))
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-        d = config_to_hf(self.cfg)
-        d["torch_dtype"] = str(self.lm_head.weight.dtype).replace("torch.", "")
-        _atomic_json(os.path.join(out_dir, "config.json"), d)
-        # a stale single file or index next to a freshly sharded save would shadow it
-        for stale in ({"model.safetensors.index.json"} if len(shards) == 1 else {"model.safetensors"}):
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-        return names
+        """Write config.json + safetensors; see save_checkpoint."""
+        return save_checkpoint({k: v.detach() for k, v in self.state_dict().items()}, self.cfg, out_dir, max_shard_bytes)
+
+
+def save_checkpoint(state_dict, cfg, out_dir, max_shard_bytes=5 * 2**30):
+    """Write config.json + safetensors (sharded with an index when large), each file
+    atomically (temp file + rename). Keys are the release's, so the stock part loads in
+    transformers and a ViLaVT folder loads back here bit-exactly. Takes a plain (full)
+    state dict so FSDP training can save what rank 0 gathered."""
+    os.makedirs(out_dir, exist_ok=True)
+    sd = {k: v.contiguous().cpu() for k, v in state_dict.items()}
+    if cfg.lm.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    shards, cur, size = [], {}, 0
+    for k in sorted(sd):
+        nbytes = sd[k].numel() * sd[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = sd[k]
+        size += nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(shards[0], p, metadata=meta))
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            _atomic(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata=meta))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        _atomic_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    d = config_to_hf(cfg)
+    d["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    _atomic_json(os.path.join(out_dir, "config.json"), d)
+    # a stale single file or index next to a freshly sharded save would shadow it
+    for stale in ({"model.safetensors.index.json"} if len(shards) == 1 else {"model.safetensors"}):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    return names
 
 
 def _stock_key(k):

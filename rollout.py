@@ -1,0 +1,310 @@
+"""
+Multi-turn "chatting with images" generation (paper section 3.1, Eq. 1) with a static KV cache.
+
+    s_{t+1} ~ M(. | f_0, Q, {(s_k, f_k)}_{k<=t}),   f_k = V(crops_k, q_k)
+
+A batch of B prompts x G samples decodes together. Each prompt is prefilled once and its
+cache copied to its G rows. Every step feeds exactly one token per live row in one batched
+call; when a row's turn ends in a tool call, the environment validates it, crops (data.py's
+crop rule), re-encodes the crops jointly with the inquiry as one new encoder group, and
+prefills the observation into that row's cache before the row rejoins the batch. Rows
+finish independently and are dropped from the cache, so they stop costing compute.
+
+The returned Trajectory keeps the exact token ids, which of them the policy generated, and
+everything the encoder saw, so grpo.py recomputes log-probs on exactly the same tokens.
+
+    model, tok = rollout.load("out/sft/latest")
+    answer, traj = rollout.ask(model, ["photo.jpg"], "What is written on the sign?", tok)
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import data
+from data import IM_END, Budget, ChatTokenizer, Context, observation_parts, prompt_parts
+from model import ViLaVT, rope_index
+from reward import parse_turn, validate_tool_call
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # paper: 0.75 at evaluation; the release trained RL at 1.0
+    top_p: float = 1.0  # paper: 0.9
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Limits:
+    max_tool_calls: int = 5  # T_max when a prompt has none (SPEC 4: 5 general, 10 spatial)
+    max_images: int = 52  # visual inputs per trajectory, originals included
+    max_turn_tokens: int = 1024  # policy tokens per assistant turn
+    max_new_tokens: int = 4096  # policy tokens per trajectory
+    max_context: int = 16384  # KV-cache slots per row (prompt + turns + observations)
+
+
+@dataclass
+class Prompt:
+    images: list  # PIL images (originals, or video frames)
+    question: str  # with options already appended (data.format_question)
+    max_tool_calls: int | None = None
+    max_pixels: int | None = None  # per original image; None = the budget's share
+
+
+@dataclass
+class Trajectory:
+    ids: list  # every token of the conversation
+    policy_mask: list  # 1 where the policy generated the token (observations, image pads, headers: 0)
+    logprobs: list  # the sampler's log p(token) under the model's own (T=1) distribution; 0 where mask is 0
+    context: Context  # originals and crops (regions, bboxes, parents), encoder groups, queries
+    prompt_len: int
+    turns: list = field(default_factory=list)  # decoded assistant turns (without <|im_end|>)
+    n_tool_calls: int = 0  # tool rounds, valid or not
+    n_invalid: int = 0
+    errors: list = field(default_factory=list)  # the reason of each rejected tool call
+    finish: str = ""  # answer | no_answer | max_tool_calls | turn_limit | length | context_full
+
+    @property
+    def answer(self):
+        return parse_turn(self.turns[-1]).answer if self.turns else None
+
+    def image_sizes(self):
+        return [v.display for v in self.context.views]
+
+    def encoder_inputs(self, ct):
+        return self.context.encoder_inputs(self.context.views, ct)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample(logits, s: Sampling, gen):
+    """logits (n, V) -> tokens (n,). Temperature, then top-k, then top-p (nucleus)."""
+    if s.greedy or s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).flatten()
+
+
+# -----------------------------------------------------------------------------
+# one row of the batch
+
+
+@dataclass
+class _Row:
+    traj: Trajectory
+    t_max: int
+    feed: list  # tokens to feed next (the last one goes through the batched step)
+    feed_images: torch.Tensor | None = None  # features of image blocks inside `feed`
+    feed_grids: torch.Tensor | None = None
+    cache_len: int = 0  # cache slots written
+    next_pos: int = 0  # next M-RoPE text position
+    turn: list = field(default_factory=list)  # current turn's policy tokens
+    n_new: int = 0
+    forced: list | None = None  # scripted policy (tests): the tokens to emit
+
+
+def _append(row, ids, policy, logps=None):
+    t = row.traj
+    t.ids += ids
+    t.policy_mask += [int(policy)] * len(ids)
+    t.logprobs += logps if logps is not None else [0.0] * len(ids)
+
+
+def _positions(ids, grids, start, image_token_id):
+    pos, nxt = rope_index(torch.tensor([ids]), grids, image_token_id)
+    return pos + start, int(nxt[0]) + start
+
+
+def _encode(model, ctx, views, ct, device):
+    enc = ctx.encoder_inputs(views, ct)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    enc["pixel_values"] = enc["pixel_values"].to(model.visual.patch_embed.proj.weight.dtype)
+    return model.encode_images(**enc), enc["grid_thw"]
+
+
+def _end_turn(row, tok, model, ct, limits, device):
+    """Called after a policy token; decides what comes next: more of this turn, an
+    observation, or the end. Returns the finish reason or None."""
+    traj = row.traj
+    is_eos = tok in ct.eos_ids
+    tail = ct.decode(row.turn[-8:])
+    if not is_eos and "</tool>" not in tail:
+        if len(row.turn) >= limits.max_turn_tokens:
+            return "turn_limit"
+        if row.n_new >= limits.max_new_tokens:
+            return "length"
+        row.feed = [tok]
+        return None
+    text = ct.decode(row.turn[:-1] if is_eos else row.turn)
+    traj.turns.append(text)
+    row.turn = []
+    turn = parse_turn(text)
+    if is_eos or turn.tool is None and turn.error is None:
+        return "answer" if turn.answer is not None else "no_answer"
+    # a tool call: the environment closes the assistant turn and writes the observation
+    ctx = traj.context
+    traj.n_tool_calls += 1
+    if traj.n_tool_calls > row.t_max:
+        return "max_tool_calls"
+    last_round = traj.n_tool_calls == row.t_max
+    error = turn.error or validate_tool_call(turn.tool, traj.image_sizes())
+    if error is None and len(ctx.views) + len(turn.tool["region"]) > limits.max_images:
+        error = f"too many images: at most {limits.max_images} visual inputs per conversation"
+    new, feats, grids = [], None, None
+    if error is None:
+        try:
+            new = ctx.zoom(turn.tool)
+        except ValueError as e:  # e.g. a crop too thin to encode
+            error = str(e)
+    if error is None:
+        feats, grids = _encode(model, ctx, new, ct, device)
+    else:
+        traj.n_invalid += 1
+        traj.errors.append(error)
+    parts = observation_parts(len(ctx.views) - len(new), [v.display for v in new], last_round, error)
+    env = [ct.im_end] + ct.encode_parts(parts, [v.n_tokens for v in new])
+    if row.cache_len + 1 + len(env) + 1 > limits.max_context:
+        return "context_full"
+    _append(row, env, policy=False)
+    row.feed, row.feed_images, row.feed_grids = [tok] + env, feats, grids
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the batched loop
+
+
+@torch.no_grad()
+def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), forced=None):
+    """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
+    forced: optional per-row token lists (a scripted policy, for tests)."""
+    device = model.lm_head.weight.device
+    image_token = model.cfg.lm.image_token_id
+    G, n = group_size, len(prompts) * group_size
+    gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    cache = model.new_cache(n, limits.max_context)
+    rows = []
+    # ---- prefill each prompt once (all but its last token), copy to its G rows
+    for b, p in enumerate(prompts):
+        ctx = Context(p.images, p.max_pixels or budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
+        parts = prompt_parts([v.display for v in ctx.views], p.question)
+        ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
+        assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
+        feats, grids = _encode(model, ctx, ctx.views, ct, device)
+        pos, nxt = _positions(ids, grids, 0, image_token)
+        r0 = b * G
+        model(torch.tensor([ids[:-1]], device=device), image_embeds=feats, position_ids=pos[:, :, :-1].to(device),
+              cache=cache.view_rows(r0, r0 + 1), cache_pos=torch.zeros(1, dtype=torch.long, device=device))
+        cache.copy_rows([r0] * (G - 1), list(range(r0 + 1, r0 + G)))
+        for g in range(G):
+            c = ctx if g == 0 else _copy_context(ctx)
+            traj = Trajectory(ids=list(ids), policy_mask=[0] * len(ids), logprobs=[0.0] * len(ids), context=c,
+                              prompt_len=len(ids))
+            t_max = p.max_tool_calls if p.max_tool_calls is not None else limits.max_tool_calls
+            rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=nxt - 1,
+                             forced=None if forced is None else list(forced[r0 + g])))
+    live = list(range(n))  # row i of the cache holds rows[live[i]]
+    while live:
+        # ---- observations: prefill all but the last fed token, one row at a time
+        for i, r in enumerate(live):
+            row = rows[r]
+            if len(row.feed) > 1:
+                chunk = row.feed[:-1]
+                pos, _ = _positions(chunk, row.feed_grids, row.next_pos, image_token)
+                model(torch.tensor([chunk], device=device), image_embeds=row.feed_images, position_ids=pos.to(device),
+                      cache=cache.view_rows(i, i + 1), cache_pos=torch.tensor([row.cache_len], device=device))
+                row.next_pos = _positions(row.feed, row.feed_grids, row.next_pos, image_token)[1] - 1
+                row.cache_len += len(chunk)
+                row.feed, row.feed_images, row.feed_grids = row.feed[-1:], None, None
+        # ---- one batched decode step: one token per live row
+        x = torch.tensor([[rows[r].feed[0]] for r in live], device=device)
+        cache_pos = torch.tensor([rows[r].cache_len for r in live], device=device)
+        pos = torch.tensor([rows[r].next_pos for r in live], device=device).view(1, -1, 1).expand(3, -1, 1)
+        logits = model(x, position_ids=pos, cache=cache, cache_pos=cache_pos)[:, -1].float()
+        logp = logits.log_softmax(-1)
+        toks = sample(logits, sampling, gen).tolist()
+        keep = []
+        for i, r in enumerate(live):
+            row = rows[r]
+            row.cache_len += 1
+            row.next_pos += 1
+            tok = toks[i]
+            if row.forced is not None:
+                assert row.forced, f"row {r}: scripted policy ran out of tokens"
+                tok = row.forced.pop(0)
+            _append(row, [tok], policy=True, logps=[float(logp[i, tok])])
+            row.turn.append(tok)
+            row.n_new += 1
+            finish = _end_turn(row, tok, model, ct, limits, device)
+            if finish is None and row.cache_len + 1 >= limits.max_context:
+                finish = "context_full"
+            if finish is None:
+                keep.append(i)
+            else:
+                if row.turn:  # a turn cut short still counts as the last turn
+                    row.traj.turns.append(ct.decode(row.turn))
+                row.traj.finish = finish
+        if len(keep) < len(live):
+            if keep:
+                cache.select_rows(torch.tensor(keep, device=device))
+            live = [live[i] for i in keep]
+    return [row.traj for row in rows]
+
+
+def _copy_context(ctx):
+    """A sample's own Context (its crops differ from its siblings'); originals are shared."""
+    c = Context.__new__(Context)
+    c.__dict__.update(ctx.__dict__)
+    c.views, c.queries = list(ctx.views), list(ctx.queries)
+    return c
+
+
+# -----------------------------------------------------------------------------
+# one-call API
+
+
+def load(model_dir, embedder_dir=None, dtype=torch.float32, device="cpu"):
+    """(model, ChatTokenizer) from a checkpoint folder. The LM tokenizer lives in the folder;
+    the inquiry tokenizer in its query_tokenizer/ (our checkpoints) or the embedder folder."""
+    model = ViLaVT.from_pretrained(model_dir, embedder_dir, dtype=dtype, device=device)
+    return model, load_tokenizers(model_dir, embedder_dir, need_query=model.is_vilavt)
+
+
+def load_tokenizers(model_dir, embedder_dir=None, need_query=True):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    qdir = os.path.join(model_dir, "query_tokenizer")
+    if os.path.isdir(qdir):
+        qtok = AutoTokenizer.from_pretrained(qdir)
+    elif embedder_dir:
+        qtok = AutoTokenizer.from_pretrained(embedder_dir)
+    elif need_query:
+        raise FileNotFoundError(f"{model_dir}: no query_tokenizer/ folder; pass the Qwen3-Embedding folder as embedder_dir")
+    else:
+        qtok = None  # the vanilla model has no inquiry path
+    return ChatTokenizer(tok, qtok)
+
+
+def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sampling(greedy=True),
+        limits=Limits(), budget=Budget()):
+    """Answer one question about one or more images (paths or PIL images), chatting with
+    them as needed. Returns (answer text or None, Trajectory)."""
+    imgs = [data.load_image(i) if isinstance(i, str) else i.convert("RGB") for i in images]
+    p = Prompt(imgs, data.format_question(question, options), max_tool_calls)
+    traj = rollout(model, ct, [p], 1, sampling, limits, budget)[0]
+    return traj.answer, traj

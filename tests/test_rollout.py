@@ -1,0 +1,201 @@
+"""Rollout: a scripted policy reproduces data.py's rendering token for token; batching, G
+copies, limits and invalid calls; log-probs recomputed on the returned tokens match."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import rollout
+from data import Budget, ChatTokenizer
+from model import ViLaVT, tiny_config
+
+torch.set_grad_enabled(False)
+
+BUDGET = Budget(max_pixels=224 * 224, crop_max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def ct(tokenizer):
+    return ChatTokenizer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    m = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+    m.init_weights()
+    return m.eval()
+
+
+def noise_image(w, h, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+TWO_CALLS = {
+    "images": ["a.png", "b.png"], "question": "How many dots are on the red card?", "options": None,
+    "problem_type": "numerical", "answer": "3", "max_tool_calls": 5,
+    "steps": [
+        {"think": "The red card is small; zoom on it.",
+         "tool": {"region": [{"index": 0, "bbox_2d": [28, 28, 140, 112]}, {"index": 1, "bbox_2d": [0, 0, 56, 56]}],
+                  "query": "count the dots on the red card"}},
+        {"think": "Closer, on the first crop.",
+         "tool": {"region": [{"index": 2, "bbox_2d": [10, 10, 50, 40]}], "query": "the dots"}},
+        {"think": "I count three dots.", "answer": "3"},
+    ],
+}
+
+
+def policy_tokens(ct, steps):
+    """What a policy writes for these steps: tool turns end at </tool> (the environment closes
+    the turn), the final turn ends with <|im_end|>."""
+    out = []
+    for s in steps:
+        out += ct.encode(data.assistant_text(s)) + ([] if "tool" in s else [ct.im_end])
+    return out
+
+
+def test_scripted_trajectory_equals_rendering(tmp_path, model, ct):
+    imgs = [noise_image(448, 336, 1), noise_image(300, 300, 2)]
+    for name, im in zip(TWO_CALLS["images"], imgs):
+        im.save(tmp_path / name)
+    gold = data.render_sample(TWO_CALLS, "gold", str(tmp_path), ct, BUDGET)
+    prompt = rollout.Prompt([data.load_image(str(tmp_path / n)) for n in TWO_CALLS["images"]], TWO_CALLS["question"])
+    traj = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[policy_tokens(ct, TWO_CALLS["steps"])])[0]
+    assert traj.finish == "answer" and traj.answer == "3" and traj.n_tool_calls == 2 and traj.n_invalid == 0
+    assert traj.ids == gold["input_ids"].tolist()
+    assert ct.decode(traj.ids) == gold["text"]
+    # the mask is the SFT label mask, except the <|im_end|> closing a tool turn, which the
+    # environment writes in a rollout (it is trained in SFT)
+    labels = gold["labels"].tolist()
+    expected = [int(l != -100) for l in labels]
+    for i in range(1, len(traj.ids)):
+        if traj.ids[i] == ct.im_end and ct.decode(traj.ids[max(0, i - 3):i]).endswith("</tool>"):
+            expected[i] = 0
+    assert traj.policy_mask == expected
+    # crops, groups and queries
+    views = traj.context.views
+    assert [v.group for v in views] == [0, 1, 2, 2, 3]
+    assert traj.context.queries == ["", "", "count the dots on the red card", "the dots"]
+    assert [(v.parent, v.bbox) for v in views[2:]] == [(0, [28, 28, 140, 112]), (1, [0, 0, 56, 56]), (2, [10, 10, 50, 40])]
+    enc, genc = traj.encoder_inputs(ct), {k: gold[k] for k in ("pixel_values", "grid_thw", "image_to_query", "query_ids")}
+    for k, v in genc.items():
+        assert torch.equal(enc[k], v), k
+    # the crop of a crop maps back to the original: the 448x336 original is displayed at
+    # 252x168 (smart_resize under 224*224 pixels); crop 2 covers x 28..140 of those 252 px;
+    # its own bbox x 10..50 is in crop 2's display width W2
+    assert views[0].display == (252, 168)
+    W2 = views[2].display[0]
+    x1 = 28 / 252 + 10 / W2 * (112 / 252)
+    assert views[4].region[0] == pytest.approx(x1)
+
+
+def test_logprobs_recomputed_on_returned_tokens(tmp_path, model, ct):
+    """No decode-then-retokenize drift: a full forward over traj.ids (all images re-encoded in
+    their groups) gives the sampler's log-probs at every policy token."""
+    prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
+    traj = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[policy_tokens(ct, TWO_CALLS["steps"])])[0]
+    ids = torch.tensor([traj.ids])
+    h = model.hidden_states(ids, **traj.encoder_inputs(ct))
+    lp = model.token_logprobs(h[:, :-1], ids[:, 1:])[0]
+    mask = torch.tensor(traj.policy_mask[1:], dtype=torch.bool)
+    assert (lp[mask] - torch.tensor(traj.logprobs[1:])[mask]).abs().max() <= 1e-4
+
+
+def prompts_of(n):
+    sizes = [(448, 336), (300, 300), (200, 400), (520, 260)]
+    return [rollout.Prompt([noise_image(*sizes[i % 4], 10 + i)] + ([noise_image(250, 250, 20 + i)] if i % 2 else []),
+                           f"Question number {i}?") for i in range(n)]
+
+
+def test_batched_equals_one_at_a_time_and_group_copies(model, ct):
+    lim = rollout.Limits(max_turn_tokens=12, max_new_tokens=12)
+    greedy = rollout.Sampling(greedy=True)
+    ps = prompts_of(3)
+    batched = rollout.rollout(model, ct, ps, group_size=2, sampling=greedy, limits=lim, budget=BUDGET)
+    for b, p in enumerate(ps):
+        single = rollout.rollout(model, ct, [p], sampling=greedy, limits=lim, budget=BUDGET)[0]
+        for g in range(2):
+            t = batched[b * 2 + g]
+            assert t.ids == single.ids and t.policy_mask == single.policy_mask
+            assert np.allclose(t.logprobs, single.logprobs, atol=1e-4)
+
+
+def test_sampling_is_seeded(model, ct):
+    lim = rollout.Limits(max_turn_tokens=10, max_new_tokens=10)
+    s = rollout.Sampling(temperature=1.0, top_p=0.9, top_k=50, seed=3)
+    a = rollout.rollout(model, ct, prompts_of(2), group_size=2, sampling=s, limits=lim, budget=BUDGET)
+    b = rollout.rollout(model, ct, prompts_of(2), group_size=2, sampling=s, limits=lim, budget=BUDGET)
+    assert [t.ids for t in a] == [t.ids for t in b]
+    assert len({tuple(t.ids) for t in a}) > 1  # samples of one prompt differ
+
+
+def tool(regions, query="look"):
+    return {"region": [{"index": i, "bbox_2d": b} for i, b in regions], "query": query}
+
+
+def run_steps(model, ct, turns, t_max=5, limits=rollout.Limits(), n_images=1):
+    """Script raw assistant texts; returns the trajectory."""
+    forced = []
+    for k, text in enumerate(turns):
+        forced += ct.encode(text) + ([] if text.rstrip().endswith("</tool>") else [ct.im_end])
+    p = rollout.Prompt([noise_image(448, 336, 5 + i) for i in range(n_images)], "Q?", max_tool_calls=t_max)
+    return rollout.rollout(model, ct, [p], limits=limits, budget=BUDGET, forced=[forced])[0]
+
+
+def call_text(call):
+    return f"<think> look </think>\n<tool> {json.dumps(call)} </tool>"
+
+
+ANSWER = "<think> done </think>\n<answer> 4 </answer>"
+
+
+def test_t_max_reached(model, ct):
+    c = call_text(tool([(0, [0, 0, 100, 100])]))
+    traj = run_steps(model, ct, [c, c], t_max=1)
+    assert traj.finish == "max_tool_calls" and traj.n_tool_calls == 2
+    text = ct.decode(traj.ids)
+    assert data.FINAL_NOTE in text and data.CONTINUE_NOTE not in text
+    # with T_max = 2 the first observation invites more calls and the second says stop
+    traj = run_steps(model, ct, [c, c, ANSWER], t_max=2)
+    text = ct.decode(traj.ids)
+    assert traj.finish == "answer" and text.index(data.CONTINUE_NOTE) < text.index(data.FINAL_NOTE)
+
+
+def test_image_cap(model, ct):
+    c = call_text(tool([(0, [0, 0, 100, 100]), (0, [50, 50, 150, 150])]))
+    traj = run_steps(model, ct, [c, ANSWER], limits=rollout.Limits(max_images=2))
+    assert traj.n_invalid == 1 and "too many images" in traj.errors[0]
+    assert len(traj.context.views) == 1 and traj.finish == "answer"
+
+
+def test_bad_json_gets_error_observation_and_continues(model, ct):
+    traj = run_steps(model, ct, ['<think> x </think>\n<tool> {"region": [ </tool>', ANSWER])
+    assert traj.n_invalid == 1 and traj.finish == "answer" and traj.answer == "4"
+    assert "Error: " in ct.decode(traj.ids) and "JSON" in traj.errors[0].upper()
+
+
+def test_box_out_of_bounds(model, ct):
+    traj = run_steps(model, ct, [call_text(tool([(0, [0, 0, 5000, 100])])), ANSWER])
+    assert traj.n_invalid == 1 and len(traj.context.views) == 1
+    assert "Error: " + traj.errors[0] in ct.decode(traj.ids)
+
+
+def test_finished_rows_leave_the_batch(model, ct, monkeypatch):
+    batch_sizes = []
+    real = ViLaVT.forward
+
+    def spy(self, input_ids, *a, **kw):
+        if input_ids.shape[1] == 1:
+            batch_sizes.append(input_ids.shape[0])
+        return real(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(ViLaVT, "forward", spy)
+    short, long = ct.encode(ANSWER) + [ct.im_end], ct.encode(ANSWER + " and some more words here") + [ct.im_end]
+    ps = prompts_of(2)
+    trajs = rollout.rollout(model, ct, ps, budget=BUDGET, forced=[short, long])
+    assert [t.finish for t in trajs] == ["answer", "answer"]
+    assert batch_sizes[0] == 2 and batch_sizes[-1] == 1 and batch_sizes.count(2) == len(short)
