@@ -1,0 +1,66 @@
+"""GRPO objective (paper Eq. 6) against hand-computed values, and group advantages."""
+
+import math
+
+import pytest
+import torch
+
+from grpo import group_advantages, policy_loss
+
+
+def test_advantages_hand_computed():
+    # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    # group [2, 2, 2, 2]: zero variance -> A = 0, no NaN
+    adv = group_advantages(torch.tensor([1.0, 0, 0, 1, 2, 2, 2, 2]), 4)
+    s = math.sqrt(1 / 3)
+    assert torch.allclose(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-6))
+    assert torch.equal(adv[4:], torch.zeros(4)) and not adv.isnan().any()
+    with pytest.raises(AssertionError):
+        group_advantages(torch.ones(6), 4)
+
+
+def test_policy_loss_hand_computed():
+    # Two trajectories x 4 tokens. Row 0 has A = +1, row 1 has A = -2.
+    # ratios (exp of logp - old): row 0: 1.0, 1.2, 1.5, 0.5 ; row 1: 1.0, 0.7, 1.5, 5.0
+    r = torch.tensor([[1.0, 1.2, 1.5, 0.5], [1.0, 0.7, 1.5, 5.0]])
+    old = torch.zeros(2, 4)
+    logp = r.log()
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    # per token -min(r*A, clip(r, 0.8, 1.3)*A):
+    # row 0 (A=1): r=1 -> -1; r=1.2 (inside) -> -1.2; r=1.5 -> clip 1.3 -> -min(1.5, 1.3) = -1.3;
+    #              r=0.5 -> clip 0.8 -> -min(0.5, 0.8) = -0.5 (pessimistic: unclipped)
+    # row 1 (A=-2): r=1 -> 2; r=0.7 -> -min(-1.4, -1.6) = 1.6 (clipped at 0.8);
+    #              r=1.5 -> -min(-3.0, -2.6) = 3.0 (unclipped above: pessimistic); r=5 -> 10 (masked)
+    per_token = torch.tensor([[-1.0, -1.2, -1.3, -0.5], [2.0, 1.6, 3.0, 10.0]])
+    expected = (per_token * mask).sum() / 7
+    assert torch.allclose(policy_loss(logp, old, adv, mask), expected, atol=1e-6)
+    # seq-mean: mean of row means: (-4.0/4 + 6.6/3) / 2
+    assert torch.allclose(policy_loss(logp, old, adv, mask, aggregation="seq-mean"),
+                          torch.tensor((-1.0 + 2.2) / 2), atol=1e-6)
+    # dual clip 3.0 caps negative-advantage tokens at -3.0 * A = 6: row 1's r=5 token (10 -> 6)
+    mask_all = torch.ones(2, 4)
+    dual = policy_loss(logp, old, adv, mask_all, dual_clip=3.0)
+    assert torch.allclose(dual, (per_token.sum() - 10 + 6) / 8, atol=1e-6)
+    # a global normalizer replaces the local token count
+    assert torch.allclose(policy_loss(logp, old, adv, mask, normalizer=14), (per_token * mask).sum() / 14)
+
+
+def test_masked_tokens_contribute_nothing():
+    logp = torch.randn(3, 5, requires_grad=True)
+    old = logp.detach() + 0.1 * torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    loss = policy_loss(logp, old, torch.tensor([1.0, -1.0, 2.0]), mask)
+    loss.backward()
+    assert (logp.grad[mask == 0] == 0).all() and (logp.grad[mask == 1] != 0).all()
+    # changing masked-out values changes nothing
+    logp2 = logp.detach().clone()
+    logp2[mask == 0] += 5
+    assert torch.equal(policy_loss(logp2, old, torch.tensor([1.0, -1.0, 2.0]), mask), loss.detach())
+
+
+def test_gradient_is_zero_outside_the_trust_region():
+    # A > 0 and r above 1 + 0.3: clipped, no gradient; A < 0 and r below 1 - 0.2: no gradient
+    logp = torch.log(torch.tensor([[1.5], [0.5]])).requires_grad_()
+    policy_loss(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1)).backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 1))
