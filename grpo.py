@@ -1,8 +1,42 @@
 """
 GRPO for ViLaVT (paper section 3.4, Eq. 5-6): clip 0.2/0.3, no KL term, no reference model.
+
+    python grpo.py                     # CPU demo: continue out/sft/latest on the zoom world
+    python grpo.py --plot out/grpo/log.jsonl     # training-dynamics curves (paper Figure 9)
+    torchrun --nproc_per_node 8 grpo.py --model SFT_CKPT --data rl.jsonl --image-root DIR
+
+One step (paper defaults 96 prompts x G=4):
+  1. each rank rolls out its share of the prompts on full weights (FSDP2 units are all-gathered
+     once for the whole rollout phase, not per decoded token), then reshards;
+  2. scores with reward.py (Eq. 5);
+  3. gathers every group's rewards over ranks (placement of a group's rollouts does not matter);
+  4. A = (R - mean_group) / (std_group + 1e-6);
+  5. recomputes old log-probs with the training model on exactly the rollout tokens (not the
+     sampler's numbers);
+  6. runs the Eq. 6 updates: ratio clipped to [1-0.2, 1+0.3], no KL, no reference model; the
+     loss mask is the policy-token mask (observations, image pads, role headers get no loss).
+Checkpoints, resume and the distributed setup are sft.py's (same layout, same atomic writes).
 """
 
+import argparse
+import json
+import os
+import time
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import data
+import reward
+import rollout
+from model import config_to_hf, read_json
+from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, load_tokenizers, make_optimizer, print0,
+                 save, set_rng_state, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -43,3 +77,371 @@ def policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.3, dual_cli
         per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)
         return per_seq.sum() / (normalizer if normalizer is not None else logp.shape[0])
     raise ValueError(f"unknown aggregation {aggregation!r} (token-mean or seq-mean)")
+
+
+# -----------------------------------------------------------------------------
+# rollouts on full weights
+
+
+def unsharded(model, on):
+    """FSDP2: all-gather every unit's weights once for the rollout phase (and keep them
+    gathered across forwards), so decoding does no all-gather per token; then reshard."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            if m is not model:  # the root keeps its weights gathered after forward anyway (FSDP2's default)
+                m.set_reshard_after_forward(not on, recurse=False)
+            m.unshard() if on else m.reshard()
+
+
+def load_prompts(path, image_root, skip_bad):
+    recs, n_bad = data.read_jsonl(path, skip_bad, warn, image_root=image_root, need_answer=True)
+    if not recs:
+        raise SystemExit(f"{path}: no usable records")
+    return recs, n_bad
+
+
+def make_prompt(where, rec, image_root, budget):
+    imgs = data.load_originals(rec, where, image_root, budget.max_frames)
+    return rollout.Prompt(imgs, data.format_question(rec["question"], rec.get("options")),
+                          rec.get("max_tool_calls"), rec.get("max_pixels"))
+
+
+def score(traj, rec):
+    """reward.score on a trajectory; R_correct, R_format, R (Eq. 5)."""
+    return reward.score(traj.turns, rec["answer"], rec["problem_type"], traj.image_sizes(), traj.n_images_at_turn)
+
+
+# -----------------------------------------------------------------------------
+# log-probs on exactly the rollout tokens
+
+
+def to_device(enc, device):
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def sequence_logprobs(model, ids, enc, device, entropy=False):
+    """log pi(token_t | <t) at every position t >= 1 of one trajectory (1, T-1): the same ids the
+    sampler produced, every image re-encoded in its own group with its own inquiry."""
+    ids = torch.tensor([ids], device=device)
+    h = model.hidden_states(ids, **to_device(enc, device))
+    return model.token_logprobs(h[:, :-1], ids[:, 1:], entropy=entropy)
+
+
+def gathered_advantages(rewards, mine, P, G, device):
+    """rewards: this rank's, G per prompt, for global prompt numbers `mine`. Every rank fills its
+    rows of the global (P*G,) reward vector, one all-reduce completes it, and each rank reads its
+    own rows' advantages back, so the result does not depend on where a group's rollouts ran."""
+    glob = torch.zeros(P * G, dtype=torch.float64, device=device)
+    rows = [mine[i // G] * G + i % G for i in range(len(rewards))]
+    glob[rows] = torch.tensor(rewards, dtype=torch.float64, device=device)
+    dist.all_reduce(glob)  # each global row is filled by exactly one rank
+    adv = group_advantages(glob, G)
+    return [adv[r].float().cpu() for r in rows]
+
+
+def old_logprobs(model, ct, trajs, adv, device):
+    """The update batch: every trajectory's tokens, encoder inputs, policy mask and log-probs
+    under the current (= old) policy; plus the summed entropy at policy tokens."""
+    batch, ent = [], 0.0
+    with torch.no_grad():
+        for t, a in zip(trajs, adv):
+            enc = t.encoder_inputs(ct)
+            old, e = sequence_logprobs(model, t.ids, enc, device, entropy=True)
+            mask = torch.tensor([t.policy_mask[1:]], dtype=torch.float32)
+            ent += float((e.cpu() * mask).sum())
+            batch.append(dict(ids=t.ids, enc=enc, mask=mask, old=old.cpu(), adv=a))
+    return batch, ent
+
+
+# -----------------------------------------------------------------------------
+# one policy update on a batch of scored trajectories
+
+
+def update(model, opt, params, batch, args, device):
+    """Eq. 6 over `batch` (this rank's trajectories: dicts with ids, enc, mask (1, T-1), old (1, T-1),
+    adv ()), in args.mini_batches optimizer steps per epoch, args.update_epochs epochs. Every rank
+    holds the same number of trajectories (FSDP collectives); the token-mean is over the mini-batch's
+    masked tokens on ALL ranks (all-reduced), gradients summed over ranks, so any world size gives
+    the same update. Returns summed statistics."""
+    n = len(batch)
+    assert n % args.mini_batches == 0, f"{n} trajectories per rank do not split into {args.mini_batches} mini-batches"
+    per = n // args.mini_batches
+    stats = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0.0, grad_norm=0.0, steps=0)
+    for _ in range(args.update_epochs):
+        for mb in range(args.mini_batches):
+            part = batch[mb * per:(mb + 1) * per]
+            # normaliser: masked tokens (token-mean) or trajectories (seq-mean) of the global mini-batch
+            local = sum(float(t["mask"].sum()) for t in part) if args.aggregation == "token-mean" else float(len(part))
+            norm = torch.tensor([local], dtype=torch.float64, device=device)
+            dist.all_reduce(norm)
+            norm = max(1.0, norm.item())
+            for t in part:
+                logp = sequence_logprobs(model, t["ids"], t["enc"], device)
+                mask, old = t["mask"].to(device), t["old"].to(device)
+                loss = policy_loss(logp, old, t["adv"].view(1).to(device), mask, args.clip_low, args.clip_high,
+                                   args.dual_clip, args.aggregation, normalizer=norm)
+                loss.backward()
+                with torch.no_grad():
+                    r = torch.exp(logp - old)
+                    m = mask.bool()
+                    a = float(t["adv"])
+                    clipped = (r > 1 + args.clip_high) if a > 0 else (r < 1 - args.clip_low) if a < 0 else torch.zeros_like(m)
+                    stats["loss"] += loss.item()
+                    stats["clip"] += float((clipped & m).sum())
+                    stats["kl"] += float(((r - 1) - (logp - old))[m].sum())  # k3 estimate of KL(old || new)
+                    stats["tokens"] += float(m.sum())
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            stats["grad_norm"] += (gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats["steps"] += 1
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="ViLaVT GRPO (paper Eq. 6; clip 0.2/0.3, no KL). With no --model: "
+                                             "continue the tiny demo's SFT checkpoint (out/sft/latest) on CPU.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    a("--model", default=None, help="SFT checkpoint folder (self-contained: tokenizers inside); "
+                                    "default: out/sft/latest")
+    a("--data", default=None, help="RL prompts JSONL (native schema with answer/problem_type); "
+                                   "default: out/zoom/train.jsonl")
+    a("--image-root", default=None, help="folder of the records' image paths; default: --data's folder")
+    a("--out-dir", default="out/grpo")
+    a("--resume", action="store_true", help="continue out_dir/latest exactly")
+    a("--skip-bad", action="store_true")
+    a("--plot", default=None, metavar="LOG", help="only draw the training curves of LOG (a log.jsonl) to a PNG")
+    # the rollout batch (paper: 96 prompts x 4)
+    a("--steps", type=int, default=None, help="policy steps (release: 1200; tiny demo: 40)")
+    a("--stop-at-step", type=int, default=-1, help="stop after this step as if killed (schedule unchanged)")
+    a("--prompts-per-step", type=int, default=None, help="prompts per step over all ranks (paper 96; tiny: 8)")
+    a("--group-size", type=int, default=4, help="G rollouts per prompt (paper 4)")
+    a("--max-tool-calls", type=int, default=5, help="T_max for records without max_tool_calls (5 general, 10 spatial)")
+    a("--max-turn-tokens", type=int, default=None, help="policy tokens per turn (7B 1024; tiny 96)")
+    a("--max-new-tokens", type=int, default=None, help="policy tokens per trajectory (7B 4096; tiny 384)")
+    a("--max-context", type=int, default=None, help="KV-cache slots per rollout row (7B 16384; tiny 4096)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (release trained at 1.0; paper 0.75)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling (paper 0.9)")
+    a("--total-visual-tokens", type=int, default=8192)
+    a("--max-pixels", type=int, default=0, help="per original image; 0 = share --total-visual-tokens evenly")
+    # the update (paper Eq. 6 and the release's extras)
+    a("--clip-low", type=float, default=0.2)
+    a("--clip-high", type=float, default=0.3)
+    a("--dual-clip", type=float, default=None, help="cap the loss of A<0 tokens at -c*A (release: 3.0)")
+    a("--aggregation", choices=("token-mean", "seq-mean"), default="token-mean",
+      help="token-mean over all masked tokens, or mean over trajectories of their token means (release option)")
+    a("--mini-batches", type=int, default=1, help="optimizer steps per epoch over one rollout batch")
+    a("--update-epochs", type=int, default=1, help="passes over one rollout batch")
+    a("--lr", type=float, default=None, help="constant AdamW lr (release 1e-6; tiny demo 5e-4)")
+    a("--weight-decay", type=float, default=1e-2)
+    a("--grad-clip", type=float, default=1.0)
+    a("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+      help="freeze the whole ViT incl. instruct projections and text_proj (the release froze it in RL)")
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    a("--seed", type=int, default=0, help="prompt order and sampling")
+    a("--save-every", type=int, default=50)
+    a("--dump-every", type=int, default=10, help="write decoded trajectories every N steps (0: never)")
+    a("--bench", action="store_true", help="time a few steps (rollout / old-logp / update split), write nothing")
+    args = ap.parse_args(argv)
+    tiny = args.model is None
+    for k, big, small in (("steps", 1200, 40), ("prompts_per_step", 96, 8), ("max_turn_tokens", 1024, 96),
+                          ("max_new_tokens", 4096, 384), ("max_context", 16384, 4096), ("lr", 1e-6, 5e-4),
+                          ("activation_checkpointing", True, False)):
+        if getattr(args, k) is None:
+            setattr(args, k, small if tiny else big)
+    args.train_text_proj = not args.freeze_vision  # text_proj belongs to the vision side (see sft.build_model)
+    return args
+
+
+RESUME_KEYS = ("data", "image_root", "steps", "prompts_per_step", "group_size", "lr", "seed", "clip_low",
+               "clip_high", "dual_clip", "aggregation", "mini_batches", "update_epochs", "freeze_vision")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        plot(args.plot)
+        return
+    rank, world, device = dist_setup()
+    try:
+        train(args, rank, world, device)
+    finally:
+        dist_teardown()
+
+
+def train(args, rank, world, device):
+    P, G = args.prompts_per_step, args.group_size
+    if P % world:
+        raise SystemExit(f"--prompts-per-step {P} is not a multiple of the world size {world}")
+    model_dir = args.model
+    if model_dir is None:  # the tiny demo continues the default SFT run
+        model_dir = latest_checkpoint("out/sft")
+        if model_dir is None:
+            raise SystemExit("no SFT checkpoint in out/sft: run `python sft.py` first (or pass --model)")
+        if args.data is None:
+            args.data = "out/zoom/train.jsonl"
+    if args.data is None:
+        raise SystemExit("--data is required with --model")
+    args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
+        raise SystemExit(f"{args.out_dir} already holds a run; pass --resume, or another --out-dir")
+    meta = None
+    if ckpt is not None:
+        meta = read_json(os.path.join(ckpt, "meta.json"))
+        changed = [k for k in RESUME_KEYS if meta["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume from {ckpt} with changed flags: {changed}")
+        model_dir = ckpt
+        print0(f"resuming from {ckpt} (step {meta['step']})")
+
+    # ---- model, tokenizers, prompts, optimizer
+    model, cfg = build_model(model_dir, None, args, device, rank)
+    tok, qtok = load_tokenizers(model_dir, None, model.is_vilavt)
+    ct = data.ChatTokenizer(tok, qtok, cfg.inquiry.max_tokens if cfg.inquiry else 50)
+    budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
+    if os.path.exists(os.path.join(args.image_root, "meta.json")):  # the zoom world's own display budget
+        budget = data.read_budget(args.image_root)
+    records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad)
+    limits = rollout.Limits(args.max_tool_calls, 52, args.max_turn_tokens, args.max_new_tokens, args.max_context)
+    opt = make_optimizer(model, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = 0
+    if meta is not None:
+        start = meta["step"]
+        osd = get_optimizer_state_dict(model, opt)
+        dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
+        set_optimizer_state_dict(model, opt, osd)
+        set_rng_state(meta["rng"][rank % len(meta["rng"])])
+    end = min(args.steps, args.stop_at_step) if args.stop_at_step > 0 else args.steps
+    if args.bench:
+        end = min(end, start + 3)
+    print0(f"{len(records)} prompts ({n_bad} bad) | {P} prompts x G={G} per step over {world} rank(s) | "
+           f"{args.steps} steps | lr {args.lr} | {sum(p.numel() for p in params) / 1e6:.2f}M trainable params")
+    log = None
+    if rank == 0 and not args.bench:
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, "log.jsonl")
+        keep = []
+        if meta is not None and os.path.exists(path):  # lines past the checkpoint are redone
+            with open(path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
+        log = open(path, "w")
+        log.writelines(keep)
+        log.flush()
+    bar = tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True)
+
+    step = start
+    while True:
+        last_step = step == end
+        if not args.bench and step > start and (last_step or step % args.save_every == 0):
+            run_meta = dict(step=step, args=vars(args), config=config_to_hf(cfg), world_size=world)
+            save(args.out_dir, step, model, opt, cfg, (tok, qtok), run_meta, model_dir, rank)
+        if last_step:
+            break
+
+        # ---- 1. rollouts: this rank's prompts x G, on full weights
+        t0 = time.perf_counter()
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(
+            args.seed * 1_000_003 + step * P // len(records)))
+        idx = [int(order[(step * P + j) % len(records)]) for j in range(P)]
+        mine = list(range(rank, P, world))  # global prompt numbers of this rank
+        prompts = [make_prompt(*records[idx[j]], args.image_root, budget) for j in mine]
+        model.eval()
+        unsharded(model, True)
+        sampling = rollout.Sampling(args.temperature, args.top_p, seed=args.seed * 1_000_003 + step * 1009 + rank)
+        with torch.no_grad():
+            trajs = rollout.rollout(model, ct, prompts, G, sampling, limits, budget)
+        unsharded(model, False)
+        model.train()
+        t1 = time.perf_counter()
+
+        # ---- 2-4. scores; rewards of every group gathered over ranks; advantages
+        scores = [score(t, records[idx[mine[i // G]]][1]) for i, t in enumerate(trajs)]
+        adv = gathered_advantages([s["reward"] for s in scores], mine, P, G, device)
+
+        # ---- 5. old log-probs on exactly the rollout tokens (and the policy's entropy)
+        batch, ent = old_logprobs(model, ct, trajs, adv, device)
+        t2 = time.perf_counter()
+
+        # ---- 6. the Eq. 6 updates
+        for g in opt.param_groups:
+            g["lr"] = args.lr  # constant (release)
+        st = update(model, opt, params, batch, args, device)
+        t3 = time.perf_counter()
+        step += 1
+
+        # ---- metrics, summed over ranks
+        gen = sum(sum(t.policy_mask) for t in trajs)
+        seen = sum(len(t.ids) for t in trajs) * args.update_epochs
+        vec = torch.tensor([len(trajs), sum(s["reward"] for s in scores), sum(s["correct"] for s in scores),
+                            sum(s["format"] for s in scores), sum(s["correct"] == 1 for s in scores), gen,
+                            sum(t.n_tool_calls for t in trajs), sum(t.n_invalid for t in trajs), st["loss"],
+                            st["clip"], st["kl"], st["tokens"], ent, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(vec)
+        (n, rew, cor, fmt, acc, gen, tools, inval, loss, clip, kl, toks, ent, seen) = vec.tolist()
+        rec = dict(step=step, reward=rew / n, correct=cor / n, format=fmt / n, accuracy=acc / n,
+                   response_len=gen / n, tool_calls=tools / n, invalid_rate=inval / max(1, tools),
+                   loss=loss / max(1, st["steps"]), clip_frac=clip / max(1, toks), approx_kl=kl / max(1, toks),
+                   entropy=ent / max(1, gen), grad_norm=st["grad_norm"] / max(1, st["steps"]),
+                   rollout_tok_s=gen / (t1 - t0), update_tok_s=seen / (t3 - t2),
+                   rollout_s=t1 - t0, old_logp_s=t2 - t1, update_s=t3 - t2)
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if rank == 0 and not args.bench and args.dump_every and step % args.dump_every == 0:
+            dump(os.path.join(args.out_dir, "trajectories.jsonl"), step, trajs, scores, adv)
+        bar.update(1)
+        bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}", tools=f"{rec['tool_calls']:.2f}")
+        if rank == 0 and (step % 5 == 0 or step == start + 1 or args.bench):
+            bar.write(f"step {step:4d} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | format "
+                      f"{rec['format']:.2f} | tools {rec['tool_calls']:.2f} | len {rec['response_len']:.0f} | clip "
+                      f"{rec['clip_frac']:.3f} | kl {rec['approx_kl']:.4f} | time rollout {rec['rollout_s']:.1f}s "
+                      f"old-logp {rec['old_logp_s']:.1f}s update {rec['update_s']:.1f}s")
+    bar.close()
+    if log is not None:
+        log.close()
+
+
+def dump(path, step, trajs, scores, adv):
+    """Decoded trajectories with rewards and every crop's box, for inspection."""
+    with open(path, "a") as f:
+        for t, s, a in zip(trajs, scores, adv):
+            crops = [dict(index=i, parent=v.parent, bbox=v.bbox, region=[round(x, 4) for x in v.region],
+                          group=v.group) for i, v in enumerate(t.context.views) if v.bbox is not None]
+            f.write(json.dumps(dict(step=step, turns=t.turns, finish=t.finish, reward=s["reward"],
+                                    correct=s["correct"], format=s["format"], advantage=float(a), crops=crops,
+                                    queries=t.context.queries, errors=t.errors)) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# training-dynamics figure (like the paper's Figure 9)
+
+
+def plot(log_path):
+    from eval import plot_lines
+    with open(log_path) as f:
+        rows = [json.loads(ln) for ln in f if ln.strip()]
+    if not rows:
+        raise SystemExit(f"{log_path}: empty log")
+    out = []
+    for key, label in (("reward", "mean reward"), ("accuracy", "accuracy"), ("tool_calls", "tool calls / trajectory"),
+                       ("response_len", "response length"), ("clip_frac", "clip fraction"),
+                       ("approx_kl", "approx. KL to old"), ("entropy", "entropy"), ("grad_norm", "grad norm")):
+        path = os.path.splitext(log_path)[0] + f"_{key}.png"
+        plot_lines({label: [(r["step"], r[key]) for r in rows]}, path, label, "step", label)
+        out.append(path)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -449,14 +449,15 @@ class ViLaVT(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, pixel_values, grid_thw, query_ids, query_mask,
                                                image_to_query, **kw))
 
-    def token_logprobs(self, hidden, targets, chunk=1024):
-        """log p(target) at every position (B, T) from hidden states (B, T, C), in fp32.
-        The lm_head runs chunk by chunk (under activation checkpointing when training), so the
-        (T x vocab) fp32 logits of a 24k-token sample never exist at once. targets < 0 give 0."""
+    def token_logprobs(self, hidden, targets, chunk=1024, entropy=False):
+        """log p(target) at every position (B, T) from hidden states (B, T, C), in fp32
+        (targets < 0 give 0); with entropy=True also the entropy of each position's
+        distribution (B, T). The lm_head runs chunk by chunk (under activation checkpointing
+        when training), so the (T x vocab) fp32 logits of a 24k-token sample never exist at once."""
         def piece(h, t):
-            logits = self.lm_head(h).float()
-            lp = torch.gather(logits.log_softmax(-1), -1, t.clamp(min=0)[..., None])[..., 0]
-            return lp * (t >= 0)
+            logp = self.lm_head(h).float().log_softmax(-1)
+            lp = torch.gather(logp, -1, t.clamp(min=0)[..., None])[..., 0] * (t >= 0)
+            return (lp, -(logp.exp() * logp).sum(-1)) if entropy else lp
         out = []
         for s in range(0, hidden.shape[1], chunk):
             h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]
@@ -464,6 +465,8 @@ class ViLaVT(nn.Module):
                 out.append(torch.utils.checkpoint.checkpoint(piece, h, t, use_reentrant=False))
             else:
                 out.append(piece(h, t))
+        if entropy:
+            return torch.cat([o[0] for o in out], 1), torch.cat([o[1] for o in out], 1)
         return torch.cat(out, 1)
 
     def new_cache(self, batch, max_len, dtype=None, device=None):

@@ -53,6 +53,9 @@ class Prompt:
     question: str  # with options already appended (data.format_question)
     max_tool_calls: int | None = None
     max_pixels: int | None = None  # per original image; None = the budget's share
+    system: str | None = None  # None = the paper's Figure 15 system prompt
+    instructions: str | None = None  # text after the question; None = Figure 16's tool/answer formats
+    user: str | None = None  # a whole user turn with '<image>' placeholders (replaces Figure 16)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Trajectory:
     context: Context  # originals and crops (regions, bboxes, parents), encoder groups, queries
     prompt_len: int
     turns: list = field(default_factory=list)  # decoded assistant turns (without <|im_end|>)
+    n_images_at_turn: list = field(default_factory=list)  # images in context when each turn was written
     n_tool_calls: int = 0  # tool rounds, valid or not
     n_invalid: int = 0
     errors: list = field(default_factory=list)  # the reason of each rejected tool call
@@ -109,8 +113,7 @@ class _Row:
     traj: Trajectory
     t_max: int
     feed: list  # tokens to feed next (the last one goes through the batched step)
-    feed_images: torch.Tensor | None = None  # features of image blocks inside `feed`
-    feed_grids: torch.Tensor | None = None
+    feed_images: dict | None = None  # encoder inputs of the image blocks inside `feed`
     cache_len: int = 0  # cache slots written
     next_pos: int = 0  # next M-RoPE text position
     turn: list = field(default_factory=list)  # current turn's policy tokens
@@ -130,11 +133,13 @@ def _positions(ids, grids, start, image_token_id):
     return pos + start, int(nxt[0]) + start
 
 
-def _encode(model, ctx, views, ct, device):
+def _encoder_inputs(model, ctx, views, ct, device):
+    # The images are encoded inside the prefill's forward (not by a separate encode_images
+    # call): with FSDP2 every forward must enter through the root module.
     enc = ctx.encoder_inputs(views, ct)
     enc = {k: v.to(device) for k, v in enc.items()}
     enc["pixel_values"] = enc["pixel_values"].to(model.visual.patch_embed.proj.weight.dtype)
-    return model.encode_images(**enc), enc["grid_thw"]
+    return enc
 
 
 def _end_turn(row, tok, model, ct, limits, device):
@@ -152,6 +157,7 @@ def _end_turn(row, tok, model, ct, limits, device):
         return None
     text = ct.decode(row.turn[:-1] if is_eos else row.turn)
     traj.turns.append(text)
+    traj.n_images_at_turn.append(len(traj.context.views))
     row.turn = []
     turn = parse_turn(text)
     if is_eos or turn.tool is None and turn.error is None:
@@ -165,14 +171,14 @@ def _end_turn(row, tok, model, ct, limits, device):
     error = turn.error or validate_tool_call(turn.tool, traj.image_sizes())
     if error is None and len(ctx.views) + len(turn.tool["region"]) > limits.max_images:
         error = f"too many images: at most {limits.max_images} visual inputs per conversation"
-    new, feats, grids = [], None, None
+    new, enc = [], None
     if error is None:
         try:
             new = ctx.zoom(turn.tool)
         except ValueError as e:  # e.g. a crop too thin to encode
             error = str(e)
     if error is None:
-        feats, grids = _encode(model, ctx, new, ct, device)
+        enc = _encoder_inputs(model, ctx, new, ct, device)  # the new crops only: one group, with the query
     else:
         traj.n_invalid += 1
         traj.errors.append(error)
@@ -181,7 +187,7 @@ def _end_turn(row, tok, model, ct, limits, device):
     if row.cache_len + 1 + len(env) + 1 > limits.max_context:
         return "context_full"
     _append(row, env, policy=False)
-    row.feed, row.feed_images, row.feed_grids = [tok] + env, feats, grids
+    row.feed, row.feed_images = [tok] + env, enc
     return None
 
 
@@ -202,13 +208,14 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     # ---- prefill each prompt once (all but its last token), copy to its G rows
     for b, p in enumerate(prompts):
         ctx = Context(p.images, p.max_pixels or budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
-        parts = prompt_parts([v.display for v in ctx.views], p.question)
+        parts = prompt_parts([v.display for v in ctx.views], p.question, data.SYSTEM_PROMPT if p.system is None else p.system,
+                             p.user, p.instructions)
         ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
-        feats, grids = _encode(model, ctx, ctx.views, ct, device)
-        pos, nxt = _positions(ids, grids, 0, image_token)
+        enc = _encoder_inputs(model, ctx, ctx.views, ct, device)  # originals: once per prompt, not per sample
+        pos, nxt = _positions(ids, enc["grid_thw"], 0, image_token)
         r0 = b * G
-        model(torch.tensor([ids[:-1]], device=device), image_embeds=feats, position_ids=pos[:, :, :-1].to(device),
+        model(torch.tensor([ids[:-1]], device=device), **enc, position_ids=pos[:, :, :-1].to(device),
               cache=cache.view_rows(r0, r0 + 1), cache_pos=torch.zeros(1, dtype=torch.long, device=device))
         cache.copy_rows([r0] * (G - 1), list(range(r0 + 1, r0 + G)))
         for g in range(G):
@@ -224,13 +231,14 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         for i, r in enumerate(live):
             row = rows[r]
             if len(row.feed) > 1:
-                chunk = row.feed[:-1]
-                pos, _ = _positions(chunk, row.feed_grids, row.next_pos, image_token)
-                model(torch.tensor([chunk], device=device), image_embeds=row.feed_images, position_ids=pos.to(device),
+                chunk, enc = row.feed[:-1], row.feed_images or {}
+                grids = enc.get("grid_thw")
+                pos, _ = _positions(chunk, grids, row.next_pos, image_token)
+                model(torch.tensor([chunk], device=device), **enc, position_ids=pos.to(device),
                       cache=cache.view_rows(i, i + 1), cache_pos=torch.tensor([row.cache_len], device=device))
-                row.next_pos = _positions(row.feed, row.feed_grids, row.next_pos, image_token)[1] - 1
+                row.next_pos = _positions(row.feed, grids, row.next_pos, image_token)[1] - 1
                 row.cache_len += len(chunk)
-                row.feed, row.feed_images, row.feed_grids = row.feed[-1:], None, None
+                row.feed, row.feed_images = row.feed[-1:], None
         # ---- one batched decode step: one token per live row
         x = torch.tensor([[rows[r].feed[0]] for r in live], device=device)
         cache_pos = torch.tensor([rows[r].cache_len for r in live], device=device)
@@ -258,6 +266,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
             else:
                 if row.turn:  # a turn cut short still counts as the last turn
                     row.traj.turns.append(ct.decode(row.turn))
+                    row.traj.n_images_at_turn.append(len(row.traj.context.views))
                 row.traj.finish = finish
         if len(keep) < len(live):
             if keep:

@@ -1,6 +1,10 @@
 """GRPO objective (paper Eq. 6) against hand-computed values, and group advantages."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,8 +51,9 @@ def test_policy_loss_hand_computed():
 
 
 def test_masked_tokens_contribute_nothing():
-    logp = torch.randn(3, 5, requires_grad=True)
-    old = logp.detach() + 0.1 * torch.randn(3, 5)
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 5, generator=g).requires_grad_()
+    old = logp.detach() + 0.01 * torch.randn(3, 5, generator=g)  # ratios well inside [0.8, 1.3]: every token has a gradient
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     loss = policy_loss(logp, old, torch.tensor([1.0, -1.0, 2.0]), mask)
     loss.backward()
@@ -64,3 +69,45 @@ def test_gradient_is_zero_outside_the_trust_region():
     logp = torch.log(torch.tensor([[1.5], [0.5]])).requires_grad_()
     policy_loss(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1)).backward()
     assert torch.equal(logp.grad, torch.zeros(2, 1))
+
+
+# -----------------------------------------------------------------------------
+# distributed: 1 and 2 processes give the same update on the same (scripted) rollouts
+
+
+def tiny_folder(path, tokenizer):
+    from model import ViLaVT, tiny_config
+    torch.manual_seed(0)
+    m = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+    m.init_weights()
+    m.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(os.path.join(path, "query_tokenizer"))
+    return path
+
+
+def torchrun(n, *argv):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_one_and_two_processes_give_the_same_update(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+    model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
+    worker = os.path.join(os.path.dirname(__file__), "grpo_worker.py")
+    torchrun(1, worker, model_dir, str(tmp_path / "one"))
+    torchrun(2, worker, model_dir, str(tmp_path / "two"))
+    one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
+    assert abs(one["loss"] - two["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
+    d1, d2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    moved = [k for k in d1 if d1[k].abs().max() > 0]
+    assert any(k.startswith("model.layers") for k in moved) and any(".instruct_" in k for k in moved)
+    assert not any(k.startswith("text_encoder.") for k in moved)  # always frozen
+    for k in d1:
+        assert (d1[k] - d2[k]).abs().max() <= 1e-5, k

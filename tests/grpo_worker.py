@@ -1,0 +1,70 @@
+"""torchrun worker for tests/test_grpo.py: one GRPO update (steps 2-6 of grpo.py) on scripted
+rollouts. Writes the global loss and the parameter delta, so 1 and 2 processes can be compared."""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
+import rollout  # noqa: E402
+from data import ChatTokenizer  # noqa: E402
+from sft import build_model, dist_setup, dist_teardown, load_tokenizers, make_optimizer  # noqa: E402
+
+P, G = 4, 2
+REWARDS = [1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 1.5, 0.0]  # global row p*G + g
+
+
+def turns(ct, p, g):
+    call = {"region": [{"index": 0, "bbox_2d": [0, 0, 84, 84]}], "query": f"look at part {p}"}
+    text = f"<think> answer {p} {g} </think>\n<answer> {p + g} </answer>"
+    tool = ct.encode(f"<think> zoom </think>\n<tool> {json.dumps(call)} </tool>") if g == 0 else []
+    return tool + ct.encode(text) + [ct.im_end]
+
+
+def main():
+    model_dir, out = sys.argv[1], sys.argv[2]
+    rank, world, device = dist_setup()
+    args = argparse.Namespace(seed=0, train_text_proj=True, freeze_vision=False, activation_checkpointing=False,
+                              lr=1e-3, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
+                              aggregation="token-mean", mini_batches=2, update_epochs=1)
+    model, cfg = build_model(model_dir, None, args, device, rank)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    before = {k: v.clone() for k, v in get_model_state_dict(model, options=full).items()}
+    tok, qtok = load_tokenizers(model_dir, None, True)
+    ct = ChatTokenizer(tok, qtok)
+    mine = list(range(rank, P, world))
+    prompts = [rollout.Prompt([Image.fromarray(np.random.default_rng(p).integers(0, 255, (168, 224, 3), np.uint8))],
+                              f"Question {p}?") for p in mine]
+    forced = [turns(ct, p, g) for p in mine for g in range(G)]
+    model.eval()
+    grpo.unsharded(model, True)
+    with torch.no_grad():
+        trajs = rollout.rollout(model, ct, prompts, G, forced=forced)
+    grpo.unsharded(model, False)
+    model.train()
+    rewards = [REWARDS[p * G + g] for p in mine for g in range(G)]
+    adv = grpo.gathered_advantages(rewards, mine, P, G, device)
+    batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device)
+    opt = make_optimizer(model, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    st = grpo.update(model, opt, params, batch, args, device)
+    loss = torch.tensor([st["loss"]], dtype=torch.float64)
+    torch.distributed.all_reduce(loss)
+    after = get_model_state_dict(model, options=full)
+    if rank == 0:
+        save_file({k: (after[k] - before[k]).contiguous() for k in after}, out + ".safetensors")
+        with open(out + ".json", "w") as f:
+            json.dump({"loss": loss.item(), "adv": [float(a) for a in adv], "n_tool_calls": [t.n_tool_calls for t in trajs]}, f)
+    dist_teardown()
+
+
+if __name__ == "__main__":
+    main()
