@@ -1,5 +1,7 @@
 """
-Data: images (resize, patchify, the crop rule), and later the chat rendering and datasets.
+Data: images (resize, patchify, the crop rule), prompts and chat rendering, tokens,
+trajectory records and datasets, the importer of the release's SFT data, the tiny tokenizer
+of the CPU-sized model, and the zoom world (a synthetic task whose answers need a zoom).
 
 Everything the model sees of an image goes through this file, so that SFT, RL rollouts and
 evaluation resize, patchify and crop in exactly one way (SPEC section 3). The image part is
@@ -7,8 +9,12 @@ a dependency-free reimplementation of transformers' slow `Qwen2VLImageProcessor`
 PIL only); tests/test_preprocess.py checks it against the real one, bit for bit.
 """
 
+import functools
+import json
 import math
 import os
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,7 +119,7 @@ def preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
         img = img.convert("RGB")
     width, height = img.size
     h, w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
-    img = img.resize((w, h), resample=Image.BICUBIC)  # transformers: PIL resize, reducing_gap=None
+    img = img.resize((w, h), resample=Image.Resampling.BICUBIC)  # transformers: PIL resize, reducing_gap=None
     x = np.asarray(img)  # (h, w, 3) uint8
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)  # transformers' rescale()
     mean = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)
@@ -209,7 +215,8 @@ def map_bbox(region, display, bbox):
     rx1, ry1, rx2, ry2 = region
     bx1, by1, bx2, by2 = (float(v) for v in bbox)
     rw, rh = rx2 - rx1, ry2 - ry1
-    return (rx1 + bx1 / W * rw, ry1 + by1 / H * rh, rx1 + bx2 / W * rw, ry1 + by2 / H * rh)
+    out = (rx1 + bx1 / W * rw, ry1 + by1 / H * rh, rx1 + bx2 / W * rw, ry1 + by2 / H * rh)
+    return tuple(min(1.0, max(0.0, v)) for v in out)  # clamp float round-off (PIL refuses box > size)
 
 
 def crop_size(original_size, parent_region, parent_display, region):
@@ -261,5 +268,1121 @@ def crop_image(original, parent_region, parent_display, bbox):
         )
     x1, y1, x2, y2 = region
     box = (x1 * OW, y1 * OH, x2 * OW, y2 * OH)
-    crop = original.resize((w, h), resample=Image.LANCZOS, box=box)
+    crop = original.resize((w, h), resample=Image.Resampling.LANCZOS, box=box)
     return crop, region
+
+
+# -----------------------------------------------------------------------------
+# prompts (the paper's Figures 15 and 16; SPEC section 4)
+#
+# One set of functions renders prompts, assistant turns and observations. sft.py renders
+# whole gold trajectories with them and rollout.py renders the prompt and each observation
+# with them, so train and inference text cannot drift apart.
+
+SYSTEM_PROMPT = """You are a helpful assistant. Your goal is to solve the problem in the provided image(s) based on the user's instruction. Proceed step by step, optionally using the zoom-in tool one or more times to examine key areas closely. Selected regions will be cropped and processed externally, then re-encoded with your query to extract critical details.
+
+### Tools
+If needed, use the zoom-in tool one or more times to examine specific areas in detail.
+
+### Tool Format
+#### Structure
+{
+  "region": [
+    {
+      "index": int, # Target image index to zoom in (0-based)
+      "bbox_2d": list, # Format: [x1, y1, x2, y2], where (x1, y1) is top-left corner and (x2, y2) is bottom-right corner
+    },
+    ... # Additional regions (optional)
+  ],
+  "query": str # Description of what to look for in the selected regions
+}
+
+### Parameters:
+- region: List of dictionaries, each containing:
+  - index: Integer, specifying which image to zoom in
+  - bbox_2d: List of 4 integers [x1, y1, x2, y2] defining the region
+- query: String describing the search target
+
+### Constraints:
+- At least one region must be specified
+- All coordinates must be within image boundaries
+- x1 < x2 and y1 < y2 must be satisfied
+
+### Example:
+<tool> {"region": [{"index": 0, "bbox_2d": [100, 200, 300, 400]}], "query": "Look for the red button"} </tool>"""
+
+TOOL_FORMAT = ('<think> Your reasoning about where to look and why </think>\n'
+               '<tool> {"region": [{"index": int, "bbox_2d": [x1, y1, x2, y2]}, ...], "query": str} </tool>')
+ANSWER_FORMAT = "<think> Your reasoning here. </think>\n<answer> Your final answer here. </answer>"
+CONTINUE_NOTE = ("Continue your reasoning. To zoom in again, make a tool call in the same format:\n" + TOOL_FORMAT +
+                 "\nIf you have enough information to answer the original question:\n" + ANSWER_FORMAT)
+FINAL_NOTE = ("You have used all allowed tool calls. No more tool calls are allowed: give your final answer now "
+              "in this format:\n" + ANSWER_FORMAT)
+# The notes that close Figure 16's user prompt, verbatim (its typo "specfied" included; the
+# figure's bold/italic marks are typesetting, like its bold "Question:", and are dropped).
+ANSWER_RULES = ("- Note that x1, y1, x2, y2 are the coordinates of the bounding box in the specfied image by the index.\n"
+                "- You must strictly follow the above output format.\n"
+                "- In <answer>, provide only the final answer in the simplest required form:\n"
+                "  - For multiple-choice questions: output only the letter (e.g., A, B, C).\n"
+                "  - For yes/no questions: output only Yes or No.\n"
+                "  - For numerical answers: output only the number (e.g., 42, 3.14).\n"
+                "  - Do not include explanations, units, punctuation, or extra words.")
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ASSISTANT_HEADER = IM_START + "assistant\n"
+IMAGE = object()  # marker in a list of parts: "the next image block goes here"
+
+
+def format_question(question, options=None):
+    """The question with its options appended one per line (SPEC 8), e.g. 'A. red'."""
+    if not options:
+        return question
+    lines = [o if re.match(r"^\(?[A-Z][.):]", o.strip()) else f"{chr(65 + i)}. {o}" for i, o in enumerate(options)]
+    return question + "\n" + "\n".join(lines)
+
+
+def size_line(displays):
+    # Figure 16 states one size for all images; originals of different sizes get one line each.
+    if len(set(displays)) == 1:
+        (W, H), = set(displays)
+        who = "The image has" if len(displays) == 1 else "All images have"
+        return f"{who} size: width {W}, height {H}.\n"
+    return "".join(f"Image {i} has size: width {W}, height {H}.\n" for i, (W, H) in enumerate(displays))
+
+
+def prompt_parts(displays, question, system=SYSTEM_PROMPT, user=None, instructions=None):
+    """System turn, the user turn (Figure 16) and the assistant header, as text with IMAGE
+    markers for the original images. `user` (text with '<image>' placeholders) replaces the
+    rendered user turn, for imported records that carry their own.
+    A question holding '<image>' placeholders (one per image; benchmarks like ERQA interleave
+    images and text) gets each image block, with its index line, at its placeholder instead
+    of first (SPEC 8). `instructions` replaces the format instructions after the question
+    (eval.py's no-tool mode); None = the tool-call / answer formats and the closing notes of
+    Figure 16 (ANSWER_RULES)."""
+    parts = [f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n"]
+    if instructions is None:
+        instructions = ("If you need to zoom in for more details or examine specific regions, make tool call following "
+                        "the format:\n" + TOOL_FORMAT + "\nIf you have enough information to answer the original "
+                        "question:\n" + ANSWER_FORMAT + "\n" + ANSWER_RULES)
+    if user is not None:
+        parts += _placeholders(user, len(displays), "user prompt")
+    elif "<image>" in question:
+        n, k = len(displays), 0
+        text = f"These are {n} images with indexed from 0 to {n - 1}.\n" if n > 1 else ""
+        text += size_line(displays) + "Question: "
+        for p in _placeholders(question, n, "question"):
+            if p is IMAGE:  # a text piece ends where an image block starts (see "tokens" below)
+                if parts[-1] is IMAGE:
+                    parts.append(text)
+                else:
+                    parts[-1] += text
+                parts.append(IMAGE)
+                text, k = f"The index of the provided image is {k}.\n", k + 1
+            else:
+                text += p
+        parts.append(text + "\n" + instructions)
+    else:
+        n = len(displays)
+        for i in range(n):
+            parts += [IMAGE, f"The index of the provided image is {i}.\n"]
+        text = f"These are {n} images with indexed from 0 to {n - 1}.\n" if n > 1 else ""
+        text += size_line(displays) + f"Question: {question}\n" + instructions
+        parts.append(text)
+    parts.append(f"{IM_END}\n{ASSISTANT_HEADER}")
+    return parts
+
+
+def observation_parts(first_index, displays, last_round=False, error=None, raw=None):
+    """What the environment writes after a tool call (SPEC 4): closes the user turn that holds
+    `<tool_response>` + one block per crop + a reminder, and opens the next assistant turn.
+    `first_index` is the context index of the first new crop; `error` replaces the crops with
+    the reason the call was rejected. The assistant's own <|im_end|> precedes this."""
+    parts = [f"\n{IM_START}user\n"]
+    if raw is not None:
+        parts += _placeholders(raw, len(displays), "observation")
+    else:
+        parts.append("<tool_response>")
+        if error is not None:
+            parts.append(f"Error: {error}\n")
+        for k, (W, H) in enumerate(displays):
+            parts += [IMAGE, f"The index of the zoom-in image is {first_index + k} (width: {W}, height: {H}).\n"]
+        parts.append((FINAL_NOTE if last_round else CONTINUE_NOTE) + "</tool_response>")
+    parts.append(f"{IM_END}\n{ASSISTANT_HEADER}")
+    merged = []  # adjacent text joined ("<tool_response>" + "Error: ..."): a text piece must end at a special token
+    for p in parts:
+        if p is not IMAGE and merged and merged[-1] is not IMAGE:
+            merged[-1] += p
+        else:
+            merged.append(p)
+    return merged
+
+
+def _placeholders(text, n_images, what):
+    pieces = text.split("<image>")
+    if len(pieces) - 1 != n_images:
+        raise ValueError(f"{what} has {len(pieces) - 1} <image> placeholders for {n_images} images")
+    out = [pieces[0]]
+    for p in pieces[1:]:
+        out += [IMAGE, p]
+    return [p for p in out if p != ""]
+
+
+def assistant_text(step):
+    """A gold step as the assistant writes it: <think> then <tool>{json}</tool> or <answer>."""
+    if "text" in step:  # imported records keep the release's exact text
+        return step["text"]
+    if "tool" in step:
+        return f"<think> {step['think']} </think>\n<tool> {json.dumps(step['tool'])} </tool>"
+    return f"<think> {step['think']} </think>\n<answer> {step['answer']} </answer>"
+
+
+# -----------------------------------------------------------------------------
+# tokens
+#
+# Sequences are built piece by piece: text pieces go through the tokenizer (which maps
+# <|im_start|> etc. to their ids), image blocks are written as ids. A piece always ends at a
+# special token, so this equals tokenizing the whole text at once, and the rollout, which
+# appends the same pieces after generated tokens, produces exactly the ids SFT trains on.
+
+
+class ChatTokenizer:
+    """The LM tokenizer plus the inquiry tokenizer (Qwen3-Embedding's), with the special ids."""
+
+    def __init__(self, tokenizer, query_tokenizer=None, max_query_tokens=50):
+        self.tok = tokenizer
+        self.qtok = query_tokenizer or tokenizer
+        self.max_query_tokens = max_query_tokens
+        ids = {}
+        for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", IM_START, IM_END, "<|endoftext|>"):
+            i = tokenizer.convert_tokens_to_ids(t)
+            if i is None or i == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no special token {t}")
+            ids[t] = i
+        self.vision_start, self.vision_end = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        self.image_pad, self.im_start, self.im_end = ids["<|image_pad|>"], ids[IM_START], ids[IM_END]
+        self.query_eos = self.qtok.convert_tokens_to_ids("<|endoftext|>")
+        self.eos_ids = (self.im_end, ids["<|endoftext|>"])  # either ends an assistant turn
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def image_block(self, n_tokens):
+        return [self.vision_start] + [self.image_pad] * n_tokens + [self.vision_end]
+
+    def encode_parts(self, parts, n_tokens):
+        """parts: text and IMAGE markers; n_tokens: LM tokens of each image, in order."""
+        ids, k = [], 0
+        for p in parts:
+            if p is IMAGE:
+                ids += self.image_block(n_tokens[k])
+                k += 1
+            else:
+                ids += self.encode(p)
+        assert k == len(n_tokens), f"{len(n_tokens)} images for {k} IMAGE markers"
+        return ids
+
+    def render_parts(self, parts, n_tokens):
+        """The same sequence as text (image blocks expanded): what the model reads."""
+        it = iter(n_tokens)
+        return "".join("<|vision_start|>" + "<|image_pad|>" * next(it) + "<|vision_end|>" if p is IMAGE else p
+                       for p in parts)
+
+    def queries(self, texts):
+        """Inquiry tokens (n, L), RIGHT padded, and their mask (SPEC 2): at most
+        max_query_tokens including the appended <|endoftext|>; '' contributes no tokens."""
+        rows = []
+        for t in texts:
+            ids = self.qtok.encode(t, add_special_tokens=False)[: self.max_query_tokens - 1] if t else []
+            rows.append(ids + [self.query_eos] if t else [])
+        L = max([1] + [len(r) for r in rows])
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# the images of one trajectory
+
+
+@dataclass
+class View:
+    """One image in a trajectory's context: an original (or video frame), or a crop."""
+    source: int  # which original file it comes from
+    region: tuple  # normalised (x1, y1, x2, y2) of that original
+    pixel_values: torch.Tensor  # (h*w, 1176)
+    grid_thw: torch.Tensor  # (3,) = [1, h, w] in patches
+    group: int  # encoder group: originals alone, each tool call's crops together
+    bbox: list = None  # for crops: the bbox and the index of the image it was drawn on
+    parent: int = None
+
+    @property
+    def display(self):
+        return display_size(self.grid_thw)
+
+    @property
+    def n_tokens(self):
+        return n_visual_tokens(self.grid_thw)
+
+
+class Context:
+    """Originals and crops of one trajectory in index order, with their encoder groups and the
+    inquiry of each group (originals: ''). Crops follow the SPEC 3 crop rule."""
+
+    def __init__(self, originals, max_pixels, crop_max_pixels=None, min_pixels=MIN_PIXELS):
+        self.originals = originals  # full-resolution PIL images
+        self.crop_max_pixels = crop_max_pixels or budget_per_crop()
+        self.min_pixels = min_pixels
+        self.views, self.queries = [], []
+        for i, img in enumerate(originals):
+            pv, grid = preprocess_image(img, min_pixels, max_pixels)
+            self.views.append(View(i, (0.0, 0.0, 1.0, 1.0), pv, grid, group=len(self.queries)))
+            self.queries.append("")
+
+    def zoom(self, call, crop_files=None):
+        """Apply a (validated) tool call: one new group holding its crops, encoded with its
+        query. crop_files: pre-made crop images (imported release data) used instead of
+        cutting them. Returns the new views. Raises ValueError naming a bad index or bbox."""
+        group, new = len(self.queries), []
+        for j, r in enumerate(call["region"]):
+            idx = r["index"]
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(self.views):
+                raise ValueError(f"region index {idx!r} is not an image index 0..{len(self.views) - 1}")
+            parent = self.views[idx]
+            if crop_files is not None and len(crop_files) != len(call["region"]):
+                raise ValueError(f"{len(crop_files)} crop files for {len(call['region'])} regions")
+            if crop_files is not None:
+                region, img = map_bbox(parent.region, parent.display, r["bbox_2d"]), crop_files[j]
+            else:
+                img, region = crop_image(self.originals[parent.source], parent.region, parent.display, r["bbox_2d"])
+            pv, grid = preprocess_image(img, self.min_pixels, self.crop_max_pixels)
+            new.append(View(parent.source, region, pv, grid, group, list(r["bbox_2d"]), idx))
+        self.views += new
+        self.queries.append(call["query"])
+        return new
+
+    def encoder_inputs(self, views, ct):
+        """Inputs of the vision encoder for `views` (a contiguous run of whole groups):
+        pixel_values, grid_thw, image_to_query renumbered from 0, and the groups' inquiries."""
+        groups = sorted({v.group for v in views})
+        remap = {g: i for i, g in enumerate(groups)}
+        qids, qmask = ct.queries([self.queries[g] for g in groups])
+        return dict(pixel_values=torch.cat([v.pixel_values for v in views]),
+                    grid_thw=torch.stack([v.grid_thw for v in views]),
+                    image_to_query=torch.tensor([remap[v.group] for v in views]),
+                    query_ids=qids, query_mask=qmask)
+
+
+# -----------------------------------------------------------------------------
+# trajectory records (JSONL; the schema is documented in the README)
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "yes/no", "free-form")
+
+
+class RecordError(ValueError):
+    """A bad record: the message names the file:line and the field."""
+
+
+@dataclass
+class Budget:
+    """Visual-token budgets (SPEC 3), all configurable."""
+    total_tokens: int = TOTAL_VISUAL_TOKENS  # shared evenly by the initial images of a sample
+    max_pixels: int | None = None  # per initial image; None = total budget / n_images
+    crop_max_pixels: int | None = None  # per crop; None = the full budget
+    min_pixels: int = MIN_PIXELS
+    max_frames: int = 32  # video: frames sampled uniformly
+
+    def for_originals(self, n):
+        return self.max_pixels or budget_per_image(n, self.total_tokens)
+
+    def for_crops(self):
+        return self.crop_max_pixels or budget_per_crop(self.total_tokens)
+
+
+def _fail(where, field, msg):
+    raise RecordError(f"{where}: field '{field}': {msg}")
+
+
+def image_paths(rec, max_frames=32):
+    """The original images of a record; a video ("video": frame paths) is sampled uniformly."""
+    if "video" in rec:
+        frames = rec["video"]
+        n = min(len(frames), max_frames)
+        return [frames[round(i * (len(frames) - 1) / max(1, n - 1))] for i in range(n)]
+    return rec["images"]
+
+
+def check_record(rec, where, image_root=None, need_steps=False, need_answer=True):
+    """Validate a record's schema (and that its image files exist). Raises RecordError."""
+    if not isinstance(rec, dict):
+        _fail(where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
+    key = "video" if "video" in rec else "images"
+    paths = rec.get(key)
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        _fail(where, key, "must be a non-empty list of image paths")
+    if not isinstance(rec.get("question"), str):
+        _fail(where, "question", "must be a string")
+    if rec.get("options") is not None and not (isinstance(rec["options"], list)
+                                               and all(isinstance(o, str) for o in rec["options"])):
+        _fail(where, "options", "must be a list of strings or null")
+    if need_answer or "problem_type" in rec:
+        if rec.get("problem_type") not in PROBLEM_TYPES:
+            _fail(where, "problem_type", f"{rec.get('problem_type')!r} is not one of {PROBLEM_TYPES}")
+    if need_answer and not isinstance(rec.get("answer"), (str, int, float)):
+        _fail(where, "answer", "missing (string or number)")
+    mt = rec.get("max_tool_calls", 5)
+    if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
+        _fail(where, "max_tool_calls", f"must be a non-negative int, got {mt!r}")
+    if image_root is not None:
+        for p in paths:
+            if not os.path.exists(os.path.join(image_root, p)):
+                _fail(where, key, f"image file not found: {os.path.join(image_root, p)}")
+    steps = rec.get("steps")
+    if need_steps or steps is not None:
+        if not isinstance(steps, list) or not steps:
+            _fail(where, "steps", "must be a non-empty list")
+        for k, s in enumerate(steps):
+            f = f"steps[{k}]"
+            last = k == len(steps) - 1
+            if not isinstance(s, dict):
+                _fail(where, f, "must be an object")
+            if "text" not in s and not isinstance(s.get("think"), str):
+                _fail(where, f + ".think", "must be a string")
+            if last and "answer" not in s:
+                _fail(where, f, "the last step must hold the final 'answer'")
+            if not last and not isinstance(s.get("tool"), dict):
+                _fail(where, f + ".tool", "every step but the last must be a tool call")
+            if not last:
+                t = s["tool"]
+                if not isinstance(t.get("region"), list) or not t["region"] or not all(
+                        isinstance(r, dict) and "index" in r and "bbox_2d" in r for r in t["region"]):
+                    _fail(where, f + ".tool.region", "must be a non-empty list of {index, bbox_2d}")
+                if not isinstance(t.get("query"), str) or not t["query"].strip():
+                    _fail(where, f + ".tool.query", "must be a non-empty string")
+        if len(steps) - 1 > mt:
+            _fail(where, "steps", f"{len(steps) - 1} tool calls exceed max_tool_calls={mt}")
+    return rec
+
+
+def read_jsonl(path, skip_bad=False, log=print, **check):
+    """[(where, record)] of a JSONL file; where = 'file:line'. Malformed JSON or a bad record
+    raises RecordError, or with skip_bad is logged and counted (returned as n_bad)."""
+    out, n_bad = [], 0
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{where}: malformed JSON ({e})") from None
+                out.append((where, check_record(rec, where, **check)))
+            except RecordError as e:
+                if not skip_bad:
+                    raise
+                n_bad += 1
+                log(f"skipping bad record: {e}")
+    return out, n_bad
+
+
+def load_originals(rec, where, image_root, max_frames=32):
+    imgs = []
+    key = "video" if "video" in rec else "images"
+    for p in image_paths(rec, max_frames):
+        try:
+            imgs.append(load_image(os.path.join(image_root, p)))
+        except (OSError, ValueError) as e:
+            raise RecordError(f"{where}: field '{key}': {e}") from None
+    return imgs
+
+
+def render_sample(rec, where, image_root, ct, budget=Budget()):
+    """A gold trajectory -> training tensors (paper Eq. 4):
+
+    input_ids, labels (T,): labels are -100 except the assistant's own tokens, each
+    assistant <|im_end|> included (the release also trained the '\\n' after it; we do not);
+    pixel_values, grid_thw, image_to_query, query_ids, query_mask: every image and crop of the
+    trajectory for the dynamic encoder; text: the sequence as the model reads it.
+    Crops are cut on the fly by the crop rule unless the record carries pre-made ones."""
+    originals = load_originals(rec, where, image_root, budget.max_frames)
+    ctx = Context(originals, rec.get("max_pixels") or budget.for_originals(len(originals)),
+                  budget.for_crops(), budget.min_pixels)
+    ids, labels, text = [], [], []
+
+    def env(parts, views):
+        n = [v.n_tokens for v in views]
+        x = ct.encode_parts(parts, n)
+        ids.extend(x), labels.extend([-100] * len(x)), text.append(ct.render_parts(parts, n))
+
+    def policy(s):
+        x = ct.encode(s) + [ct.im_end]
+        ids.extend(x), labels.extend(x), text.append(s + IM_END)
+
+    displays = [v.display for v in ctx.views]
+    try:
+        parts = prompt_parts(displays, format_question(rec["question"], rec.get("options")),
+                             rec.get("system", SYSTEM_PROMPT), rec.get("prompt"))
+    except ValueError as e:  # '<image>' placeholders that do not match the images
+        raise RecordError(f"{where}: field '{'prompt' if 'prompt' in rec else 'question'}': {e}") from None
+    env(parts, ctx.views)
+    steps, mt = rec["steps"], rec.get("max_tool_calls", 5)
+    for k, step in enumerate(steps):
+        policy(assistant_text(step))
+        if "tool" not in step or k == len(steps) - 1:
+            continue
+        crops = None
+        if "crops" in step:
+            try:
+                crops = [load_image(os.path.join(image_root, p)) for p in step["crops"]]
+            except (OSError, ValueError) as e:
+                raise RecordError(f"{where}: field 'steps[{k}].crops': {e}") from None
+        try:
+            new = ctx.zoom(step["tool"], crops)
+        except ValueError as e:
+            raise RecordError(f"{where}: field 'steps[{k}].tool': {e}") from None
+        try:
+            parts = observation_parts(len(ctx.views) - len(new), [v.display for v in new], last_round=k + 1 == mt,
+                                      raw=step.get("observation"))
+        except ValueError as e:
+            raise RecordError(f"{where}: field 'steps[{k}].observation': {e}") from None
+        env(parts, new)
+    enc = ctx.encoder_inputs(ctx.views, ct)
+    return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), text="".join(text), context=ctx, **enc)
+
+
+class TrajectoryDataset:
+    """Gold trajectories of a JSONL file, rendered on access (crops are cut on the fly)."""
+
+    def __init__(self, path, image_root, ct, budget=Budget(), skip_bad=False, log=print):
+        self.image_root, self.ct, self.budget, self.skip_bad, self.log = image_root, ct, budget, skip_bad, log
+        self.records, self.n_bad = read_jsonl(path, skip_bad, log, image_root=image_root, need_steps=True,
+                                              need_answer=False)
+        if not self.records:
+            raise RecordError(f"{path}: no usable records")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        """The rendered sample, or None for a bad one when skip_bad (counted in n_bad)."""
+        where, rec = self.records[i]
+        try:
+            return render_sample(rec, where, self.image_root, self.ct, self.budget)
+        except RecordError as e:
+            if not self.skip_bad:
+                raise
+            self.n_bad += 1
+            self.log(f"skipping bad record: {e}")
+            return None
+
+
+# -----------------------------------------------------------------------------
+# importer: the authors' released SFT records (SPEC 7)
+
+
+def import_release_record(rec, where):
+    """A ViLaVT-Data record ({images, conversations, queries, image_to_query_mapping,
+    max_pixels?, mask_history?}) -> our schema, keeping the release's texts verbatim
+    (system, user prompt, assistant turns, observations) and its pre-made crop files.
+    mask_history is not reproduced: we train on every assistant turn."""
+    from reward import parse_turn
+    conv, images = rec.get("conversations"), rec.get("images")
+    if not isinstance(conv, list) or not conv:
+        _fail(where, "conversations", "must be a non-empty list")
+    if not isinstance(images, list):
+        _fail(where, "images", "must be a list of paths")
+    mapping = rec.get("image_to_query_mapping", list(range(len(images))))
+    queries = rec.get("queries", [""] * len(images))
+    if len(mapping) != len(images):
+        _fail(where, "image_to_query_mapping", f"{len(mapping)} entries for {len(images)} images")
+    out = {"images": [], "question": "", "steps": []}
+    turns = list(conv)
+    off = 0  # conversations[k] in messages counts the system turn
+    if turns[0].get("from") == "system":
+        out["system"], off = turns.pop(0)["value"], 1
+    if not turns or turns[0].get("from") != "human":
+        _fail(where, "conversations", "must start with a human turn (after an optional system turn)")
+    user = turns[0]["value"]
+    n_orig = user.count("<image>")
+    out["images"], out["prompt"] = images[:n_orig], user
+    out["question"] = user.replace("<image>", "").strip()
+    next_image, steps = n_orig, []
+    for j in range(1, len(turns)):
+        t, k = turns[j], j + off
+        if t.get("from") == "gpt":
+            step = {"text": t["value"]}
+            turn = parse_turn(t["value"])
+            if turn.tool is not None:
+                step["tool"] = dict(turn.tool)
+            elif turn.answer is not None:
+                step["answer"] = turn.answer
+            else:
+                _fail(where, f"conversations[{k}]", f"assistant turn is neither a tool call nor an answer ({turn.error})")
+            steps.append(step)
+        elif t.get("from") == "human":
+            if not steps or "tool" not in steps[-1]:
+                _fail(where, f"conversations[{k}]", "a human turn must follow a tool call")
+            n = t["value"].count("<image>")
+            crops = images[next_image:next_image + n]
+            groups = set(mapping[next_image:next_image + n])
+            if len(crops) != n or len(groups) != 1:
+                _fail(where, "image_to_query_mapping", f"crops of conversations[{k}] do not form one query group")
+            steps[-1]["crops"], steps[-1]["observation"] = crops, t["value"]
+            g = groups.pop()
+            if not isinstance(g, int) or not 0 <= g < len(queries) or not isinstance(queries[g], str):
+                _fail(where, "queries", f"no query string for group {g!r} of conversations[{k}]")
+            steps[-1]["tool"]["query"] = queries[g]  # what the release's encoder saw
+            next_image += n
+        else:
+            _fail(where, f"conversations[{k}].from", f"unknown role {t.get('from')!r}")
+    out["steps"] = steps
+    out["max_tool_calls"] = sum("tool" in s for s in steps[:-1]) if steps else 0
+    if "max_pixels" in rec:
+        out["max_pixels"] = rec["max_pixels"]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: a tiny byte-level BPE with Qwen's special tokens, for the CPU-sized model
+#
+# `python sft.py` (embedded tiny default) and the tests need a tokenizer without any hub
+# download. It is Qwen2's tokenizer in miniature: the same pre-tokenizer (Qwen2's split regex,
+# so digits are single tokens, then byte-level), the same special tokens, eos <|im_end|> and
+# pad <|endoftext|>; byte-level, so any text encodes. Its merges are learnt from the prompts
+# of this file and the zoom world's templates, so those tokenize compactly.
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+# transformers' Qwen2TokenizerFast pre-tokenizer pattern
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def tokenizer_corpus():
+    """The deterministic training text of build_tokenizer: every fixed prompt text, one
+    rendered prompt and observation, the zoom world's templates filled with each colour,
+    place and number, and the printable ASCII characters."""
+    texts = [SYSTEM_PROMPT, TOOL_FORMAT, ANSWER_FORMAT, CONTINUE_NOTE, FINAL_NOTE]
+    texts += [p for p in prompt_parts([(224, 224), (224, 224)], "How many dots are on the red card?")
+              + observation_parts(2, [(84, 56)]) if p is not IMAGE]
+    texts += [f"The index of the provided image is {i}.\nThe index of the zoom-in image is {i} "
+              f"(width: {28 * i}, height: {56 * i}).\n" for i in range(10)]
+    texts += zoom_world_texts()
+    texts.append("0123456789 " + "".join(chr(c) for c in range(33, 127)) + " \n")
+    return texts
+
+
+def build_tokenizer(out_dir, vocab_size=1024):
+    """Train the tiny tokenizer, save it with save_pretrained(out_dir), return it
+    (a transformers PreTrainedTokenizerFast). Deterministic: the same files on every run.
+    vocab_size is an upper bound: training stops early when the corpus has no pair left to
+    merge (the default corpus gives about 1000 tokens, specials included)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast  # the tokenizer class only, no modeling code
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(SPECIAL_TOKENS[1:]), model_max_length=131072)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+# -----------------------------------------------------------------------------
+# zoom world: a synthetic task whose answers need a zoom (paper App. A.2/A.3 in miniature)
+#
+# Coloured cards on a cluttered background; each card's grey label bears a mark: a few dots
+# (count them) or one digit (read it). The scene is generated first and the gold trajectory
+# is written from that knowledge (the paper's knowledge-first synthesis): the think names
+# what is looked for and where, the tool call's bbox covers the target card, the query names
+# it, the last step answers.
+#
+# Why the mark needs a zoom (the physics). Originals are displayed at exactly 1/r of their
+# size (default 448x448 -> 224x224, r = 2, 64 visual tokens). A mark is a region of
+# checkerboard texture (cells of r/2 original px, levels ink_levels) on a label of flat grey
+# equal to the texture's mean, so mark and bare label differ only in a pattern whose period
+# is one display pixel. The resize to the display (BICUBIC, antialiased) weighs each display
+# pixel's neighbourhood symmetrically about the centre of its r x r block, about which the
+# checkerboard is antisymmetric: it cancels, and the label shows as flat grey whatever the
+# mark, up to a few grey levels at mark corners (tests/test_data.py measures <= 4 of 255).
+# A zoom is cut at 2x the displayed scale (crop rule), so the texture's period becomes 2 crop
+# px, the finest a pixel grid holds: the marks (8 px dots, a 12x20 px digit at r = 2) show
+# at full contrast in the crop, and at 4 px per period in a crop of a crop.
+# Visible at the display: the cards, their colours, sizes and number. Questions about those
+# are the text-only share (App. A.3): a single answer step, no tool call.
+# Gold bboxes have sides in multiples of 14 display px, so a gold crop is a multiple of 28 px
+# and smart_resize leaves it alone. An off-grid crop is resampled by smart_resize, which
+# beats the 2-px texture into a moire of lower but still large contrast (test: >= 40 of 255).
+
+
+@dataclass
+class ZoomWorldConfig:
+    """Every knob of the zoom world. Sizes in original-file pixels unless said otherwise."""
+    canvas_size: tuple = (448, 448)  # (W, H) of each original image file
+    display_max_pixels: int = 224 * 224  # max_pixels of originals: 448x448 shows at 224x224 = 64 visual tokens;
+    #   canvas / display must be an even integer r (checked), marks vanish at the display
+    min_pixels: int = MIN_PIXELS  # smart_resize lower bound, for originals and crops
+    crop_max_pixels: int = None  # max_pixels of a crop; None = the full budget (budget_per_crop())
+    card_size: tuple = (64, 40)  # (w, h) of a card: 32x20 display px
+    card_border: int = 6  # coloured frame around the card's flat grey label
+    card_gap: int = 12  # minimum free space between two cards
+    edge_margin: int = 16  # minimum distance from a card to the canvas edge
+    big_card_scale: float = 1.5  # linear size of an image's one large card relative to card_size
+    big_card_share: float = 0.4  # share of images with a large card (always one for "largest color" questions)
+    mark_kinds: tuple = ("dots", "digit")  # mark kinds, drawn uniformly per sample: dots to count, or a digit
+    dot_size: int = 8  # side of a square dot (4 display px at 1x; 8 crop px after one zoom); multiple of r
+    dot_gap: int = 4  # space between dot positions
+    dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
+    dot_count: tuple = (1, 6)  # dots on a card, inclusive range
+    digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
+    ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
+    n_cards: tuple = (3, 6)  # cards per image, inclusive range; at most len(ZW_COLORS), distinct colours
+    n_clutter: tuple = (25, 45)  # background clutter shapes per image, inclusive range
+    clutter_size: tuple = (6, 64)  # clutter shape size range
+    multi_images: tuple = (2, 3)  # images in a multi-image sample, inclusive range
+    share_text_only: float = 0.2  # samples answerable from the initial view: one answer step, no tool
+    share_multi: float = 0.3  # of the tool-using samples: multi-image (one call names regions in every image)
+    share_mc: float = 0.5  # of each category: multiple choice (options, letter answer); else numeric (MRA)
+    share_crop_of_crop: float = 0.25  # of single-image tool-using samples: zoom on an area, then on the card in it
+    bbox_margin: int = 4  # least space (display px) between the target card and the gold bbox's edge
+    max_tool_calls: int = 5  # the records' max_tool_calls
+    seed: int = 0  # default seed of make_zoom_world
+
+
+ZW_COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),
+             "purple": (148, 70, 189), "orange": (250, 130, 20), "cyan": (20, 190, 205)}
+ZW_FONT = {  # 3x5 digits
+    0: ("###", "#.#", "#.#", "#.#", "###"), 1: (".#.", "##.", ".#.", ".#.", "###"),
+    2: ("###", "..#", "###", "#..", "###"), 3: ("###", "..#", "###", "..#", "###"),
+    4: ("#.#", "#.#", "###", "..#", "..#"), 5: ("###", "#..", "###", "..#", "###"),
+    6: ("###", "#..", "###", "#.#", "###"), 7: ("###", "..#", ".#.", ".#.", ".#."),
+    8: ("###", "#.#", "###", "#.#", "###"), 9: ("###", "#.#", "###", "..#", "###")}
+ZW_PLACES = ("in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
+             "in the bottom left", "at the bottom", "in the bottom right")
+ZW_TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is", {marks}: "dots" / "digits"
+    "q_dots": "How many dots are on the {color} card?",
+    "q_digit": "What digit is on the {color} card?",
+    "q_which_dots": "Which image has the {color} card with {value} dots?",
+    "q_which_digit": "Which image has the {color} card with the digit {value}?",
+    "q_total_dots": "How many dots are there in total on the {color} cards of these images?",
+    "q_total_digit": "What is the sum of the digits on the {color} cards of these images?",
+    "q_largest": "What color is the largest card in the image?",
+    "q_cards": "How many cards are there in the image?",
+    "query_dots": "count the dots on the {color} card",
+    "query_digit": "read the digit on the {color} card",
+    "query_multi_dots": "count the dots on the {color} card in each image",
+    "query_multi_digit": "read the digit on the {color} card in each image",
+    "query_find": "find the {color} card",
+    "t_zoom": "The question is about the {color} card, which is {place} of image {index}. Its {mark} too small "
+              "to {verb} at this resolution, so I will zoom in on it.",
+    "t_find": "The {color} card is {place} of image {index}, but it is small. I will first zoom in on that area.",
+    "t_refine": "Zoom-in image {k} shows the {color} card, but its {mark} still small. I will zoom in on the card "
+                "itself.",
+    "t_multi": "I need the {color} card in each of the {n} images: it is {places}. Their {marks} are too small "
+               "to {verb} here, so I will zoom in on all of them at once.",
+    "t_place": "{place} of image {index}",
+    "t_read_dots": "In zoom-in image {k}, the {color} card has {value} dots.",
+    "t_read_digit": "In zoom-in image {k}, the {color} card shows the digit {value}.",
+    "t_list_dots": "image {index}: {value} dots",
+    "t_list_digit": "image {index}: digit {value}",
+    "t_multi_read": "The zoom-in images show the {color} cards: {listing}.",
+    "t_which": "So the {color} card with {target} is in image {index}.",
+    "t_total": "In total that is {expr} = {value}.",
+    "t_largest": "The largest card is {place} of the image, and it is {color}. That is clear without zooming in.",
+    "t_cards": "All cards are clearly visible without zooming in: there are {value} of them.",
+    "t_option": " That is option {letter}.",
+}
+_ZW_KIND = {"dots": dict(mark="dots are", marks="dots", verb="count"),
+            "digit": dict(mark="digit is", marks="digits", verb="read")}
+
+
+def zoom_world_texts():
+    """The zoom world's sentences filled with every colour, place and small number (the tokenizer corpus)."""
+    out = []
+    for c, color in enumerate(ZW_COLORS):
+        for kind, words in _ZW_KIND.items():
+            for key, t in ZW_TEXT.items():
+                v = (c % 6) + 1
+                out.append(t.format(color=color, place=ZW_PLACES[(c + len(key)) % 9], index=c % 3, k=c % 3 + 1,
+                                    n=c % 3 + 2, value=v, target=f"{v} dots", listing=f"{v} dots", expr=f"{v} + 2",
+                                    places=f"{ZW_PLACES[c]} of image 0, {ZW_PLACES[8 - c]} of image 1",
+                                    letter="ABCD"[c % 4], **words))
+    out += [f"{chr(65 + i)}. {v}" for i in range(4) for v in ["Image 0", *ZW_COLORS, *range(10)]]
+    return out
+
+
+def _zw_geometry(cfg):
+    """(display W, H, r) for the config's originals; r = original px per display px."""
+    OW, OH = cfg.canvas_size
+    Hd, Wd = smart_resize(OH, OW, FACTOR, cfg.min_pixels, cfg.display_max_pixels)
+    r = OW // Wd
+    if OW != r * Wd or OH != r * Hd or r < 2 or r % 2:
+        raise ValueError(f"zoom world: canvas {OW}x{OH} displays at {Wd}x{Hd} under max_pixels="
+                         f"{cfg.display_max_pixels}; need an exact even scale-down (e.g. 448x448 -> 224x224)")
+    for name in ("dot_size", "digit_cell"):
+        if getattr(cfg, name) % r:
+            raise ValueError(f"zoom world: {name}={getattr(cfg, name)} must be a multiple of r={r}")
+    if sum(cfg.ink_levels) % 2:
+        raise ValueError(f"zoom world: ink_levels {cfg.ink_levels} need an integer mean")
+    if cfg.dot_count[1] > cfg.dot_grid[0] * cfg.dot_grid[1]:
+        raise ValueError(f"zoom world: dot_count {cfg.dot_count} exceeds the {cfg.dot_grid} dot positions")
+    if cfg.n_cards[1] > len(ZW_COLORS):
+        raise ValueError(f"zoom world: at most {len(ZW_COLORS)} cards per image (one per colour)")
+    return Wd, Hd, r
+
+
+def _zw_place(box, size):
+    """The place phrase of a box (x1, y1, x2, y2) in an image of `size`: its centre's third."""
+    cx, cy = (box[0] + box[2]) / 2 / size[0], (box[1] + box[3]) / 2 / size[1]
+    return ZW_PLACES[min(2, int(cy * 3)) * 3 + min(2, int(cx * 3))]
+
+
+def _zw_card_dims(cfg, r, big):
+    w, h = cfg.card_size
+    if big:
+        w, h = w * cfg.big_card_scale, h * cfg.big_card_scale
+    return int(math.ceil(w / r) * r), int(math.ceil(h / r) * r)
+
+
+def _zw_layout(rng, cfg, r, dims):
+    """Top-left corners (multiples of r) for cards of the given dims, not overlapping; None if no fit."""
+    OW, OH = cfg.canvas_size
+    placed = []
+    for w, h in dims:
+        for _ in range(200):
+            x = int(rng.integers(cfg.edge_margin // r, (OW - w - cfg.edge_margin) // r + 1)) * r
+            y = int(rng.integers(cfg.edge_margin // r, (OH - h - cfg.edge_margin) // r + 1)) * r
+            g = cfg.card_gap
+            if all(x + w + g <= a or a + c + g <= x or y + h + g <= b or b + d + g <= y for a, b, c, d in placed):
+                placed.append((x, y, w, h))
+                break
+        else:
+            return None
+    return [(x, y, x + w, y + h) for x, y, w, h in placed]
+
+
+def _zw_mark_mask(cfg, r, kind, value, slots, label):
+    """Boolean mask (H, W) over the label box (lx1, ly1, lx2, ly2) of the mark's texture cells."""
+    lx1, ly1, lx2, ly2 = label
+    mask = np.zeros((ly2 - ly1, lx2 - lx1), bool)
+    if kind == "dots":
+        cols, rows = cfg.dot_grid
+        s, g = cfg.dot_size, cfg.dot_gap
+        x0 = ((lx2 - lx1) - (cols * s + (cols - 1) * g)) // 2 // r * r
+        y0 = ((ly2 - ly1) - (rows * s + (rows - 1) * g)) // 2 // r * r
+        for k in slots:
+            x, y = x0 + (k % cols) * (s + g), y0 + (k // cols) * (s + g)
+            mask[y:y + s, x:x + s] = True
+    else:
+        c = cfg.digit_cell
+        x0 = ((lx2 - lx1) - 3 * c) // 2 // r * r
+        y0 = ((ly2 - ly1) - 5 * c) // 2 // r * r
+        for i, row in enumerate(ZW_FONT[value]):
+            for j, ch in enumerate(row):
+                if ch == "#":
+                    mask[y0 + i * c:y0 + (i + 1) * c, x0 + j * c:x0 + (j + 1) * c] = True
+    return mask
+
+
+@functools.lru_cache(maxsize=4)
+def _zw_checker(W, H, cell, lo, hi):
+    """(H, W) uint8 checkerboard of `cell`-px squares, levels lo/hi, lo at (0, 0); cached, read-only."""
+    yy, xx = np.indices((H, W))
+    a = np.where((yy // cell + xx // cell) % 2 == 0, lo, hi).astype(np.uint8)
+    a.flags.writeable = False
+    return a
+
+
+def _zw_render(rng, cfg, r, cards):
+    """The image (PIL RGB) of one scene: background, clutter, then the cards with their marks."""
+    from PIL import ImageDraw
+    OW, OH = cfg.canvas_size
+    base = int(rng.integers(170, 216))
+    tint = rng.integers(-10, 11, 3)
+    img = Image.new("RGB", (OW, OH), tuple(int(v) for v in np.clip(base + tint, 0, 255)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(cfg.n_clutter[0], cfg.n_clutter[1] + 1))):
+        grey = base + int(rng.integers(-45, 46))
+        col = tuple(min(255, max(0, grey + int(v))) for v in rng.integers(-12, 13, 3))  # muted: never a card colour
+        w, h = (int(v) for v in rng.integers(cfg.clutter_size[0], cfg.clutter_size[1] + 1, 2))
+        x, y = int(rng.integers(-w // 2, OW)), int(rng.integers(-h // 2, OH))
+        shape = int(rng.integers(3))
+        if shape == 0:
+            draw.rectangle([x, y, x + w, y + h], fill=col)
+        elif shape == 1:
+            draw.ellipse([x, y, x + w, y + h], fill=col)
+        else:
+            draw.line([x, y, x + w, y + h * int(rng.choice([-1, 1]))], fill=col, width=int(rng.integers(1, 4)))
+    a = np.array(img)
+    lo, hi = cfg.ink_levels
+    checker = _zw_checker(OW, OH, r // 2, lo, hi)
+    b = cfg.card_border
+    for card in cards:
+        x1, y1, x2, y2 = card["box"]
+        a[y1:y2, x1:x2] = ZW_COLORS[card["color"]]
+        label = (x1 + b, y1 + b, x2 - b, y2 - b)
+        a[label[1]:label[3], label[0]:label[2]] = (lo + hi) // 2
+        m = _zw_mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
+        sub = a[label[1]:label[3], label[0]:label[2]]
+        sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
+    return Image.fromarray(a)
+
+
+def _zw_scene(rng, cfg, r, kind, colors_needed, values, big=None):
+    """Cards of one image: the colours in colors_needed carry the given values (mark values),
+    plus distractors with random colours and values. big: colour of the one large card
+    (None: a random card is large with probability big_card_share). Returns the card list."""
+    n = max(len(colors_needed), int(rng.integers(cfg.n_cards[0], cfg.n_cards[1] + 1)))
+    others = [c for c in ZW_COLORS if c not in colors_needed]
+    colors = list(colors_needed) + [others[i] for i in rng.permutation(len(others))[:n - len(colors_needed)]]
+    if big is None and rng.random() < cfg.big_card_share:
+        big = colors[int(rng.integers(len(colors)))]
+    cards = []
+    for c in colors:
+        v = values.get(c)
+        if v is None:
+            lo, hi = cfg.dot_count if kind == "dots" else (1, 9)
+            v = int(rng.integers(lo, hi + 1))
+        card = {"color": c, "kind": kind, "value": v, "big": c == big}
+        if kind == "dots":
+            card["slots"] = sorted(int(s) for s in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:v])
+        cards.append(card)
+    for _ in range(20):
+        boxes = _zw_layout(rng, cfg, r, [_zw_card_dims(cfg, r, c["big"]) for c in cards])
+        if boxes is not None:
+            break
+    else:
+        raise ValueError("zoom world: cannot place the cards; use a larger canvas or fewer/smaller cards")
+    for card, box in zip(cards, boxes):  # positions are random already
+        card["box"] = box
+    return cards
+
+
+def _zw_bbox(rng, box, size, margin, snap):
+    """An integer bbox [x1, y1, x2, y2] inside `size` = (W, H) covering the float `box` with at
+    least `margin` on each side where the image allows; sides rounded up to multiples of `snap`."""
+    out = []
+    for lo, hi, S in ((box[0], box[2], size[0]), (box[1], box[3], size[1])):
+        w = min(S, int(math.ceil((hi - lo + 2 * margin) / snap) * snap + snap * int(rng.integers(2))))
+        a, b = max(0, math.ceil(hi + margin - w)), min(S - w, math.floor(lo - margin))
+        if a > b:  # no room for the margin: centre it, clamped
+            a = b = min(S - w, max(0, round((lo + hi) / 2 - w / 2)))
+        out.append(int(rng.integers(a, b + 1)))
+        out.append(w)
+    x, w, y, h = out
+    return [x, y, x + w, y + h]
+
+
+def _zw_crop_display(orig_size, parent_region, parent_display, bbox, budget):
+    """(region, display size) of the crop a tool call would make: crop_size then smart_resize,
+    exactly as Context.zoom computes it."""
+    region = map_bbox(parent_region, parent_display, bbox)
+    w, h = crop_size(orig_size, parent_region, parent_display, region)
+    H, W = smart_resize(h, w, FACTOR, budget.min_pixels, budget.for_crops())
+    return region, (W, H)
+
+
+def _zw_in(box, region, display):
+    """A box normalised in the original -> float box in the display px of `region`."""
+    rx1, ry1, rx2, ry2 = region
+    W, H = display
+    return ((box[0] - rx1) / (rx2 - rx1) * W, (box[1] - ry1) / (ry2 - ry1) * H,
+            (box[2] - rx1) / (rx2 - rx1) * W, (box[3] - ry1) / (ry2 - ry1) * H)
+
+
+def _zw_options(rng, answer, pool):
+    """Four options (the answer and three others of pool), sorted; returns (options, letter)."""
+    others = [p for p in pool if p != answer]
+    chosen = sorted([answer] + [others[i] for i in rng.permutation(len(others))[:3]])
+    return [f"{chr(65 + i)}. {v}" for i, v in enumerate(chosen)], chr(65 + chosen.index(answer))
+
+
+def _zw_sample(rng, cfg, geom, budget, spec, name):
+    """One record and its images (name_j.png) from a spec (category, mc, crop_of_crop)."""
+    Wd, Hd, r = geom
+    OW, OH = cfg.canvas_size
+    category, mc, zoom2 = spec
+    kind = str(cfg.mark_kinds[int(rng.integers(len(cfg.mark_kinds)))])
+    color = list(ZW_COLORS)[int(rng.integers(len(ZW_COLORS)))]
+    words = dict(_ZW_KIND[kind], color=color)
+    pool = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
+    norm = lambda b: [b[0] / OW, b[1] / OH, b[2] / OW, b[3] / OH]  # noqa: E731
+    disp = lambda b: (b[0] / r, b[1] / r, b[2] / r, b[3] / r)  # noqa: E731
+    steps, options = [], None
+    if category == "multi":
+        n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
+        values = [pool[i] for i in rng.permutation(len(pool))[:n_img]]  # distinct: "which image" is unique
+        scenes = [_zw_scene(rng, cfg, r, kind, [color], {color: v}) for v in values]
+    elif category == "single":
+        value = pool[int(rng.integers(len(pool)))]
+        scenes = [_zw_scene(rng, cfg, r, kind, [color], {color: value})]
+    else:
+        task = "largest" if mc else "cards"
+        big = color if task == "largest" else None
+        scenes = [_zw_scene(rng, cfg, r, kind, [color], {}, big=big)]
+    images = [_zw_render(rng, cfg, r, cards) for cards in scenes]
+    targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
+    target_boxes = [norm(t["box"]) for t in targets]
+
+    if category == "text-only":
+        cards = scenes[0]
+        if mc:
+            present = [c["color"] for c in cards if c["color"] != color]  # distractors: other cards' colours first
+            rest = [c for c in ZW_COLORS if c != color and c not in present]
+            cand = [present[i] for i in rng.permutation(len(present))] + [rest[i] for i in rng.permutation(len(rest))]
+            picks = [color] + cand[:3]
+            picks = [picks[i] for i in rng.permutation(4)]
+            options = [f"{chr(65 + i)}. {c}" for i, c in enumerate(picks)]
+            answer, question = chr(65 + picks.index(color)), ZW_TEXT["q_largest"]
+            think = ZW_TEXT["t_largest"].format(place=_zw_place(targets[0]["box"], (OW, OH)), color=color)
+            think += ZW_TEXT["t_option"].format(letter=answer)
+            task = "largest-color"
+        else:
+            answer, question, task = str(len(cards)), ZW_TEXT["q_cards"], "count-cards"
+            think, target_boxes = ZW_TEXT["t_cards"].format(value=len(cards)), [None]
+        steps.append({"think": think, "answer": answer})
+    elif category == "single":
+        t = targets[0]
+        box = disp(t["box"])
+        if zoom2:  # an area around the card first, then the card inside that crop
+            cw, ch = box[2] - box[0], box[3] - box[1]
+            area = (box[0] - cw * rng.uniform(0.5, 1.2), box[1] - ch * rng.uniform(0.5, 1.2),
+                    box[2] + cw * rng.uniform(0.5, 1.2), box[3] + ch * rng.uniform(0.5, 1.2))
+            area = (max(0, area[0]), max(0, area[1]), min(Wd, area[2]), min(Hd, area[3]))
+            b1 = _zw_bbox(rng, area, (Wd, Hd), 0, PATCH)
+            region1, display1 = _zw_crop_display((OW, OH), (0, 0, 1, 1), (Wd, Hd), b1, budget)
+            b2 = _zw_bbox(rng, _zw_in(norm(t["box"]), region1, display1), display1, 2 * cfg.bbox_margin, PATCH)
+            steps.append({"think": ZW_TEXT["t_find"].format(place=_zw_place(t["box"], (OW, OH)), index=0, **words),
+                          "tool": {"region": [{"index": 0, "bbox_2d": b1}],
+                                   "query": ZW_TEXT["query_find"].format(**words)}})
+            steps.append({"think": ZW_TEXT["t_refine"].format(k=1, **words),
+                          "tool": {"region": [{"index": 1, "bbox_2d": b2}],
+                                   "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
+        else:
+            b = _zw_bbox(rng, box, (Wd, Hd), cfg.bbox_margin, PATCH)
+            steps.append({"think": ZW_TEXT["t_zoom"].format(place=_zw_place(t["box"], (OW, OH)), index=0, **words),
+                          "tool": {"region": [{"index": 0, "bbox_2d": b}],
+                                   "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
+        k = len(steps)  # the last crop's index
+        question = ZW_TEXT[f"q_{kind}"].format(**words)
+        think = ZW_TEXT[f"t_read_{kind}"].format(k=k, value=t["value"], **words)
+        answer = str(t["value"])
+        if mc:
+            options, answer = _zw_options(rng, t["value"], pool)
+            think += ZW_TEXT["t_option"].format(letter=answer)
+        steps.append({"think": think, "answer": answer})
+        task = ("count-dots" if kind == "dots" else "read-digit") + ("-zoom2" if zoom2 else "")
+    else:
+        n_img = len(scenes)
+        regions = [{"index": i, "bbox_2d": _zw_bbox(rng, disp(t["box"]), (Wd, Hd), cfg.bbox_margin, PATCH)}
+                   for i, t in enumerate(targets)]
+        places = ", ".join(ZW_TEXT["t_place"].format(place=_zw_place(t["box"], (OW, OH)), index=i)
+                           for i, t in enumerate(targets))
+        steps.append({"think": ZW_TEXT["t_multi"].format(n=n_img, places=places, **words),
+                      "tool": {"region": regions, "query": ZW_TEXT[f"query_multi_{kind}"].format(**words)}})
+        listing = ", ".join(ZW_TEXT[f"t_list_{kind}"].format(index=i, value=t["value"]) for i, t in enumerate(targets))
+        think = ZW_TEXT["t_multi_read"].format(listing=listing, **words)
+        if mc:
+            j = int(rng.integers(n_img))
+            v = targets[j]["value"]
+            question = ZW_TEXT[f"q_which_{kind}"].format(value=v, **words)
+            options = [f"{chr(65 + i)}. Image {i}" for i in range(n_img)]
+            answer = chr(65 + j)
+            think += " " + ZW_TEXT["t_which"].format(target=f"{v} dots" if kind == "dots" else f"the digit {v}",
+                                                     index=j, **words)
+            think += ZW_TEXT["t_option"].format(letter=answer)
+            task = "which-image"
+        else:
+            total = sum(t["value"] for t in targets)
+            question = ZW_TEXT[f"q_total_{kind}"].format(**words)
+            answer = str(total)
+            think += " " + ZW_TEXT["t_total"].format(expr=" + ".join(str(t["value"]) for t in targets), value=total)
+            task = "total"
+        steps.append({"think": think, "answer": answer})
+
+    paths = [f"images/{name}_{j}.png" for j in range(len(images))]
+    rec = {"id": name, "images": paths, "question": question, "options": options,
+           "problem_type": "multiple choice" if options else "numerical", "answer": answer,
+           "max_pixels": cfg.display_max_pixels, "max_tool_calls": cfg.max_tool_calls,
+           "category": category, "task": task, "mark": kind, "target_boxes": target_boxes, "steps": steps,
+           "scene": [[{"color": c["color"], "box": norm(c["box"]), "value": c["value"]} for c in cards]
+                     for cards in scenes]}  # the mined knowledge: every card of every image
+    return rec, images
+
+
+def _zw_specs(rng, cfg, n):
+    """(category, multiple choice?, crop of crop?) for n samples, the shares met as closely as
+    n allows, in random order."""
+    n_text = round(cfg.share_text_only * n)
+    n_multi = round(cfg.share_multi * (n - n_text))
+    n_single = n - n_text - n_multi
+    n_zoom2 = round(cfg.share_crop_of_crop * n_single)
+    specs = []
+    for cat, m in (("text-only", n_text), ("multi", n_multi), ("single", n_single)):
+        n_mc = round(cfg.share_mc * m)
+        mcs = [k < n_mc for k in range(m)]
+        mcs = [mcs[i] for i in rng.permutation(m)]  # independent of the crop-of-crop flag
+        specs += [(cat, bool(mcs[k]), cat == "single" and k < n_zoom2) for k in range(m)]
+    return [specs[i] for i in rng.permutation(n)]
+
+
+def zoom_world_budget(cfg=ZoomWorldConfig()):
+    """The Budget the zoom world's images are made for: its display budget for originals."""
+    return Budget(max_pixels=cfg.display_max_pixels, crop_max_pixels=cfg.crop_max_pixels, min_pixels=cfg.min_pixels)
+
+
+def read_budget(meta_path):
+    """The Budget written by make_zoom_world to meta.json (a path to the file or its folder)."""
+    if os.path.isdir(meta_path):
+        meta_path = os.path.join(meta_path, "meta.json")
+    with open(meta_path) as f:
+        return Budget(**json.load(f)["budget"])
+
+
+def make_zoom_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=None):
+    """Write the zoom world: out_dir/images/*.png, train.jsonl (gold trajectories), eval.jsonl
+    (the same schema, gold steps included for inspection). Every record also has `category`
+    ("single", "multi", "text-only"), `task`, `mark` ("dots"/"digit"), `target_boxes` (per
+    original image the target card's box normalised to the original, null where there is
+    none), `scene` (every card: colour, normalised box, mark value) and `max_pixels` (the
+    display budget of its originals). meta.json holds the Budget (read_budget), the config
+    and the counts per task. Image paths in the records are relative to out_dir (the image root).
+    Deterministic for a seed (None: cfg.seed); sample i of a split does not depend on how many
+    samples are made. Returns {"train", "eval", "meta", "image_root", "budget"}."""
+    from dataclasses import asdict
+    seed = cfg.seed if seed is None else seed
+    geom = _zw_geometry(cfg)
+    budget = zoom_world_budget(cfg)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    paths, counts = {}, {}
+    for split_id, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
+        specs = _zw_specs(np.random.default_rng([seed, split_id]), cfg, n)
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        counts[split] = {}
+        with open(paths[split], "w") as f:
+            for i, spec in enumerate(specs):
+                rec, images = _zw_sample(np.random.default_rng([seed, split_id, i]), cfg, geom, budget, spec,
+                                         f"{split}_{i:05d}")
+                for p, img in zip(rec["images"], images):
+                    img.save(os.path.join(out_dir, p), compress_level=1)
+                f.write(json.dumps(rec) + "\n")
+                counts[split][rec["task"]] = counts[split].get(rec["task"], 0) + 1
+    meta = {"task": "zoom world", "budget": asdict(budget), "display_size": list(geom[:2]), "seed": seed,
+            "n_train": n_train, "n_eval": n_eval, "counts": counts, "config": asdict(cfg)}
+    paths["meta"] = os.path.join(out_dir, "meta.json")
+    with open(paths["meta"], "w") as f:
+        json.dump(meta, f, indent=1)
+    return dict(paths, image_root=out_dir, budget=budget)

@@ -1,7 +1,7 @@
 """
 Fixtures: tiny checkpoints in the real HF formats, written by transformers' own
 save_pretrained into temp dirs, plus a tiny byte-level BPE tokenizer with Qwen's special
-tokens. Our loader reads them through the same code path as a real 7B folder.
+tokens (data.build_tokenizer). Our loader reads them through the same code path as a real 7B folder.
 """
 
 import os
@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
+import data  # noqa: E402
+
+SPECIALS = list(data.SPECIAL_TOKENS)
 
 # Tiny but not trivial: GQA, explicit Qwen3 head_dim, uneven M-RoPE sections, and a vision
 # depth of 18 so the release's schedule (full [7, 15], query-aware >= 16) exists at this size.
@@ -28,33 +29,11 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_
 TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)
 
-CORPUS = [
-    "You are a helpful assistant. Your goal is to solve the problem in the provided image(s).",
-    "<think> I should zoom in on the top left corner to read the digit. </think>",
-    '<tool> {"region": [{"index": 0, "bbox_2d": [10, 20, 30, 40]}], "query": "read the digit"} </tool>',
-    "<answer> B </answer> The index of the provided image is 0. width height Question: How many dots?",
-    "0123456789 ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz .,:;!?()[]{}\"'<>/\\-_=+*&%$#@ \n",
-]
-
-
-def build_tokenizer(out_dir, vocab_size=400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIALS[1:])
-    fast.save_pretrained(out_dir)
-    return fast
-
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    """data.build_tokenizer's tiny byte-level BPE (the one `python sft.py` builds): < 1024 tokens."""
+    return data.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 def tiny_qwen25vl_config(tok, **text_overrides):

@@ -12,7 +12,12 @@ from model import ViLaVT, config_from_hf, read_json, rope_index
 
 from conftest import SHARED
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # scoped: a module-level set_grad_enabled(False) would leak into other test files
+        yield
 
 
 def hf_vl(stock_dir):

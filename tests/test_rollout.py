@@ -13,7 +13,12 @@ import rollout
 from data import Budget, ChatTokenizer
 from model import ViLaVT, tiny_config
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # scoped: a module-level set_grad_enabled(False) would leak into other test files
+        yield
 
 BUDGET = Budget(max_pixels=224 * 224, crop_max_pixels=112 * 112)
 
