@@ -58,9 +58,9 @@ def vilavt(stock_dir, embedder_dir):
     # The real new layers start at N(0, 0.02); larger weights make every influence of the
     # inquiry and of cross-image attention plainly visible in the property tests.
     torch.manual_seed(0)
-    for n in m.new_layer_names():
-        p = m.get_parameter(n)
-        p.normal_(std=0.5)
+    with torch.no_grad():
+        for n in m.new_layer_names():
+            m.get_parameter(n).normal_(std=0.5)
     return m
 
 
