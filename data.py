@@ -506,6 +506,23 @@ class ChatTokenizer:
         return ids, mask
 
 
+def load_tokenizers(model_dir, embedder_dir=None, need_query=True):
+    """(LM tokenizer, inquiry tokenizer) of a model folder. The inquiry (Qwen3-Embedding)
+    tokenizer comes from model_dir/query_tokenizer/ (our checkpoints save it there), else from
+    the embedder folder; the vanilla model (need_query=False) has no inquiry path and reuses the
+    LM tokenizer. transformers is our tokenizer library (its modeling code is never used)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    qdir = os.path.join(model_dir, "query_tokenizer")
+    qdir = qdir if os.path.isdir(qdir) else embedder_dir
+    if qdir is None:
+        if need_query:
+            raise FileNotFoundError(f"{model_dir}: no query_tokenizer/ folder and no embedder folder given: pass the "
+                                    "Qwen3-Embedding folder (--embedder) for the inquiry tokenizer")
+        return tok, tok
+    return tok, AutoTokenizer.from_pretrained(qdir)
+
+
 # -----------------------------------------------------------------------------
 # the images of one trajectory
 

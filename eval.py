@@ -244,6 +244,9 @@ def load_bench(path, max_frames=32):
             if isinstance(rec, Exception):
                 raise rec
             q = normalize(rec, i, max_frames)
+            # our own JSONL records (the zoom world) are trained without the release's type
+            # suffix, so they are asked without it: train and eval prompts stay identical
+            q["suffix"] = not path.endswith((".jsonl", ".jl"))
         except ValueError as e:
             q = dict(qid=qid, error=f"bad record: {e}", meta=rec if isinstance(rec, dict) else {})
         if str(qid) in seen:
@@ -257,7 +260,7 @@ def question_text(q):
     """The question as the model reads it: options appended one per line (SPEC 8), then the
     release's type suffix. Options already inside the text (ERQA "Choices:", SpatialEval
     "Available options:", MMSI "Options: A: ...") stay where they are."""
-    return data.format_question(q["question"], q["options"]) + SUFFIX.get(q["kind"], "")
+    return data.format_question(q["question"], q["options"]) + (SUFFIX.get(q["kind"], "") if q.get("suffix", True) else "")
 
 
 def make_prompt(q, images, mode, t_max, max_pixels=None):

@@ -35,7 +35,7 @@ import data
 import reward
 import rollout
 from model import config_to_hf, read_json
-from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, load_tokenizers, make_optimizer, print0,
+from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0, resolve_checkpoint,
                  save, set_rng_state, warn)
 
 
@@ -282,7 +282,7 @@ def train(args, rank, world, device):
     P, G = args.prompts_per_step, args.group_size
     if P % world:
         raise SystemExit(f"--prompts-per-step {P} is not a multiple of the world size {world}")
-    model_dir = args.model
+    model_dir = resolve_checkpoint(args.model) if args.model else None
     if model_dir is None:  # the tiny demo continues the default SFT run
         model_dir = latest_checkpoint("out/sft")
         if model_dir is None:
@@ -306,7 +306,7 @@ def train(args, rank, world, device):
 
     # ---- model, tokenizers, prompts, optimizer
     model, cfg = build_model(model_dir, None, args, device, rank)
-    tok, qtok = load_tokenizers(model_dir, None, model.is_vilavt)
+    tok, qtok = data.load_tokenizers(model_dir, None, model.is_vilavt)
     ct = data.ChatTokenizer(tok, qtok, cfg.inquiry.max_tokens if cfg.inquiry else 50)
     budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
     if os.path.exists(os.path.join(args.image_root, "meta.json")):  # the zoom world's own display budget

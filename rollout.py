@@ -291,22 +291,8 @@ def load(model_dir, embedder_dir=None, dtype=torch.float32, device="cpu"):
     """(model, ChatTokenizer) from a checkpoint folder. The LM tokenizer lives in the folder;
     the inquiry tokenizer in its query_tokenizer/ (our checkpoints) or the embedder folder."""
     model = ViLaVT.from_pretrained(model_dir, embedder_dir, dtype=dtype, device=device)
-    return model, load_tokenizers(model_dir, embedder_dir, need_query=model.is_vilavt)
-
-
-def load_tokenizers(model_dir, embedder_dir=None, need_query=True):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    qdir = os.path.join(model_dir, "query_tokenizer")
-    if os.path.isdir(qdir):
-        qtok = AutoTokenizer.from_pretrained(qdir)
-    elif embedder_dir:
-        qtok = AutoTokenizer.from_pretrained(embedder_dir)
-    elif need_query:
-        raise FileNotFoundError(f"{model_dir}: no query_tokenizer/ folder; pass the Qwen3-Embedding folder as embedder_dir")
-    else:
-        qtok = None  # the vanilla model has no inquiry path
-    return ChatTokenizer(tok, qtok)
+    return model, ChatTokenizer(*data.load_tokenizers(model_dir, embedder_dir, need_query=model.is_vilavt),
+                                model.cfg.inquiry.max_tokens if model.is_vilavt else 50)
 
 
 def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sampling(greedy=True),

@@ -1,0 +1,194 @@
+"""sft.py on CPU: distributed parity (torchrun, 2 ranks on gloo, vs 1 process), exact resume after a
+kill mid-save, the release importer, and that the default run learns. Single-process runs call
+sft.main in this process (same code path as `python sft.py`, without the interpreter start-up)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import sft
+from model import ViLaVT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "sft.py")
+STEPS = 5
+
+
+def run(args, cwd):
+    """`python sft.py ARGS` in this process (saves the interpreter start-up of a subprocess)."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        sft.main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)  # (main sets one thread per CPU process)
+        torch.set_rng_state(rng)
+
+
+def torchrun(args, cwd, nproc):
+    """`torchrun --nproc_per_node NPROC sft.py ARGS` (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SFT, *args]
+    p = subprocess.run(cmd, cwd=cwd, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "log steps must be 1..n, no repeats"
+    return [r["loss"] for r in rows]
+
+
+def rel_diff(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model and 20 zoom-world trajectories (one epoch = 5 steps of 4), one of them
+    made longer than --max-length, so the runs also drop a sample and fill its slot."""
+    root = tmp_path_factory.mktemp("sft")
+    base, zoom = str(root / "base"), str(root / "zoom")
+    sft.build_tiny_base(base)
+    data.make_zoom_world(zoom, n_train=19, n_eval=0, seed=1)
+    with open(os.path.join(zoom, "train.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    recs.append(dict(recs[0], question=recs[0]["question"] + " " + "0123456789" * 300))  # ~3000 more tokens
+    with open(os.path.join(zoom, "train.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    train = os.path.join(zoom, "train.jsonl")
+    args = ["--model", base, "--data", train, "--global-batch", "4",
+            "--max-steps", str(STEPS), "--lr", "2e-3", "--max-length", "2000", "--num-workers", "0"]
+    return dict(root=root, base=base, train=train, args=args)
+
+
+@pytest.fixture(scope="module")
+def baseline(world):
+    """The uninterrupted 1-process run every other run is compared with."""
+    out = str(world["root"] / "baseline")
+    run(world["args"] + ["--out-dir", out, "--no-activation-checkpointing"], cwd=world["root"])
+    return out
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(out_dir, f"step_{STEPS:06d}", "model.safetensors"))
+
+
+def test_two_ranks_match_one(world, baseline):
+    # 2 ranks x 2 micro-batches vs 1 rank x 4 (same global batch of 4): the loss is the
+    # token-weighted mean over the global batch, so the curves agree. Activation checkpointing
+    # on here, off in the baseline: it must not change the numbers either.
+    out = str(world["root"] / "two_ranks")
+    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing"], cwd=world["root"], nproc=2)
+    a, b = losses(out), losses(baseline)
+    assert len(a) == STEPS and rel_diff(a, b) <= 1e-4, (a, b)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert sum(json.loads(line)["skipped"] for line in f) == 1  # the overlong sample, dropped once
+    wa, wb = final_weights(out), final_weights(baseline)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wb) < 1e-4
+
+
+def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
+    # Run 5 steps with a checkpoint every 2; the save at step 4 dies after rank 0 wrote the
+    # weights into the temp dir, before the optimizer shards. `latest` must still name step 2,
+    # which must load; --resume from it redoes steps 3..5 exactly as the uninterrupted run.
+    out = str(world["root"] / "killed")
+    calls, dcp_save = [], sft.dcp.save
+
+    def save(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash mid-save")
+        return dcp_save(*a, **k)
+
+    monkeypatch.setattr(sft.dcp, "save", save)
+    args = world["args"] + ["--out-dir", out, "--no-activation-checkpointing", "--save-every", "2"]
+    with pytest.raises(RuntimeError, match="simulated crash mid-save"):
+        run(args, cwd=world["root"])
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(out, ".tmp-step_000004", "model.safetensors"))  # a partial save
+    assert not os.path.exists(os.path.join(out, "step_000004"))
+    assert os.readlink(os.path.join(out, "latest")) == "step_000002"
+    ckpt = os.path.join(out, "latest")  # the link is a model folder itself
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["step"] == 2 and meta["data_position"] == 8
+    ViLaVT.from_pretrained(ckpt)  # a complete HF folder
+    assert os.path.isdir(os.path.join(ckpt, "query_tokenizer")) and os.path.isdir(os.path.join(ckpt, "optim"))
+    with pytest.raises(SystemExit, match="--resume"):  # never silently restart over an existing run
+        run(args, cwd=world["root"])
+    run(args + ["--resume"], cwd=world["root"])
+    assert losses(out) == losses(baseline)
+    wa, wb = final_weights(out), final_weights(baseline)
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    assert not os.path.exists(os.path.join(out, ".tmp-step_000004"))
+
+
+def test_default_run_learns(world, tmp_path):
+    # `python sft.py` itself (the demo's tiny model, lr and schedule), cut short, on a smaller
+    # zoom world and the same tiny base, pre-built where the demo looks for them; the full run
+    # is in the README.
+    data.make_zoom_world(str(tmp_path / "out" / "zoom"), n_train=48, n_eval=0)
+    shutil.copytree(world["base"], tmp_path / "out" / "tiny-base")
+    run(["--max-steps", "16", "--global-batch", "4", "--save-every", "1000"], cwd=tmp_path)
+    curve = losses(str(tmp_path / "out" / "sft"))
+    start, end = curve[0], sum(curve[-3:]) / 3
+    assert end < 0.7 * start, curve
+    assert os.path.exists(tmp_path / "out" / "sft" / "step_000016" / "model.safetensors")
+
+
+def test_import_release_trains(world, tmp_path):
+    # The authors' released records (a JSON list, pre-made crop files) train through --import-release;
+    # a malformed one is skipped with --skip-bad.
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for name, (w, h) in (("orig.png", (112, 84)), ("crop.png", (140, 84))):
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / name)
+    tool = '{"region": [{"index": 0, "bbox_2d": [0, 0, 56, 42]}], "query": "the sign"}'
+    rec = {"images": ["orig.png", "crop.png"], "queries": ["", "read the number on the sign"],
+           "image_to_query_mapping": [0, 1], "max_pixels": 200704,
+           "conversations": [
+               {"from": "system", "value": "You are a helpful assistant."},
+               {"from": "human", "value": "<image>\nWhat number is on the sign?"},
+               {"from": "gpt", "value": f"<think> The sign is small. </think>\n<tool> {tool} </tool>"},
+               {"from": "human", "value": "<tool_response><image>The index of the zoom-in image is 1.</tool_response>"},
+               {"from": "gpt", "value": "<think> It reads 7. </think>\n<answer> 7 </answer>"}]}
+    with open(tmp_path / "release.json", "w") as f:
+        json.dump([rec, dict(rec, image_to_query_mapping=[0]), rec], f)
+    out = tmp_path / "out"
+    run(["--model", world["base"], "--data", tmp_path / "release.json", "--import-release", "--skip-bad",
+         "--global-batch", "2", "--max-steps", "1", "--out-dir", out], cwd=tmp_path)
+    with open(out / "imported.jsonl") as f:
+        assert len(f.readlines()) == 2
+    assert losses(str(out))[0] > 0 and os.path.exists(out / "step_000001" / "model.safetensors")
+
+
+def test_stock_plus_embedder_and_freeze_flags(world, stock_dir, embedder_dir, tmp_path):
+    # --model stock Qwen2.5-VL + --embedder Qwen3-Embedding (the inquiry tokenizer comes from the
+    # embedder folder); --freeze-vision keeps the ViT (fresh instruct projections included) as it
+    # was, --train-text-proj trains text_proj; the text encoder never trains. The checkpoint is
+    # a self-contained ViLaVT folder.
+    out = tmp_path / "out"
+    run(["--model", stock_dir, "--embedder", embedder_dir, "--data", world["train"], "--global-batch", "2",
+         "--max-steps", "1", "--lr", "1e-2", "--freeze-vision", "--train-text-proj", "--out-dir", out], cwd=tmp_path)
+    ckpt = out / "step_000001"
+    assert os.path.exists(ckpt / "query_tokenizer" / "tokenizer.json")
+    with open(ckpt / "config.json") as f:
+        assert json.load(f)["model_type"] == "vilavt"
+    after = ViLaVT.from_pretrained(str(ckpt)).state_dict()
+    torch.manual_seed(0)  # sft.py seeds the new layers' init with --seed (0) before loading
+    before = ViLaVT.from_pretrained(stock_dir, embedder_dir).state_dict()
+    same = {k for k in before if torch.equal(before[k], after[k])}
+    assert all(k in same for k in before if k.startswith(("visual.", "text_encoder.")))
+    assert not any(k in same for k in before if k.startswith("text_proj."))
+    assert "lm_head.weight" not in same and "model.layers.0.mlp.up_proj.weight" not in same
