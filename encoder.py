@@ -72,45 +72,66 @@ class InquiryConfig:  # Qwen3-Embedding-0.6B
 
 @dataclass
 class Segments:
-    """A partition of the (window-ordered) token sequence into contiguous attention segments."""
+    """A partition of the (window-ordered) token sequence into contiguous attention segments,
+    bucketed by shape: one batched SDPA call per bucket."""
     cu: list  # segment i = tokens cu[i]:cu[i+1]
     tcu: list  # segment i also attends to text keys tcu[i][0]:tcu[i][1]
-    buckets: list  # [(L, n_text, [segment ids])]: one batched SDPA call each
-    inverse: torch.Tensor | None  # un-permutes the concatenated bucket outputs (None: already in order)
+    buckets: list  # [(L, n_text, [segment ids], start)]: in bucket order, a bucket's segments lie
+    #                consecutively from `start`, so each bucket is one free view
+    perm: torch.Tensor | None  # token order -> bucket order (None: they are the same)
+    inverse: torch.Tensor | None
 
 
 def make_segments(cu, tcu=None, device=None):
     n = len(cu) - 1
     tcu = tcu if tcu is not None else [(0, 0)] * n
-    buckets = {}
+    groups = {}
     for i in range(n):
-        buckets.setdefault((cu[i + 1] - cu[i], tcu[i][1] - tcu[i][0]), []).append(i)
-    buckets = [(L, nt, ids) for (L, nt), ids in buckets.items()]
-    order = [i for _, _, ids in buckets for i in ids]
-    inverse = None
+        groups.setdefault((cu[i + 1] - cu[i], tcu[i][1] - tcu[i][0]), []).append(i)
+    buckets, start = [], 0
+    for (L, nt), ids in groups.items():
+        buckets.append((L, nt, ids, start))
+        start += L * len(ids)
+    order = [i for _, _, ids, _ in buckets for i in ids]
+    perm = inverse = None
     if order != list(range(n)):
-        perm = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in order])
-        inverse = torch.argsort(perm).to(device)
-    return Segments(cu, tcu, buckets, inverse)
+        perm = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in order]).to(device)
+        inverse = torch.argsort(perm)
+    return Segments(cu, tcu, buckets, perm, inverse)
+
+
+class _Permute(torch.autograd.Function):
+    """x[perm] along dim 0, whose backward gathers by the inverse permutation. (Plain indexing
+    or per-segment slicing would scatter-add into zero-filled buffers in backward: that was 27%
+    of the vision tower's fwd+bwd time with ragged windows; see bench.py model --profile.)"""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def segment_attention(q, k, v, seg, tk=None, tv=None):
     # q, k, v: (N, H, D) image tokens; tk, tv: (n_text, H, D) text keys/values (query-aware layers)
-    cu, outs = seg.cu, []
-    for L, nt, ids in seg.buckets:
-        if nt == 0 and ids == list(range(ids[0], ids[-1] + 1)):
-            # consecutive equal segments: a free view, no copy
-            s, e = cu[ids[0]], cu[ids[-1] + 1]
-            qs, ks, vs = (x[s:e].view(len(ids), L, *x.shape[1:]) for x in (q, k, v))
-        else:
-            qs = torch.stack([q[cu[i]:cu[i + 1]] for i in ids])
-            ks = torch.stack([torch.cat([k[cu[i]:cu[i + 1]], tk[slice(*seg.tcu[i])]]) if nt else k[cu[i]:cu[i + 1]] for i in ids])
-            vs = torch.stack([torch.cat([v[cu[i]:cu[i + 1]], tv[slice(*seg.tcu[i])]]) if nt else v[cu[i]:cu[i + 1]] for i in ids])
+    if seg.perm is not None:  # bucket order: every bucket becomes one contiguous block
+        q, k, v = (_Permute.apply(x, seg.perm, seg.inverse) for x in (q, k, v))
+    outs = []
+    for L, nt, ids, start in seg.buckets:
+        n = len(ids)
+        qs, ks, vs = (x[start:start + n * L].view(n, L, *x.shape[1:]) for x in (q, k, v))  # (n, L, H, D)
+        if nt:  # a group's image tokens also attend to the group's inquiry tokens (keys/values only)
+            ks = torch.cat([ks, torch.stack([tk[slice(*seg.tcu[i])] for i in ids])], 1)
+            vs = torch.cat([vs, torch.stack([tv[slice(*seg.tcu[i])] for i in ids])], 1)
         # (n, L, H, D) -> (n, H, L, D); non-causal, scale 1/sqrt(D)
         o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
-        outs.append(o.transpose(1, 2).reshape(len(ids) * L, -1))
+        outs.append(o.transpose(1, 2).reshape(n * L, -1))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return out if seg.inverse is None else out[seg.inverse]
+    return out if seg.perm is None else _Permute.apply(out, seg.inverse, seg.perm)
 
 
 def rotary_cos_sin(pos, head_dim, theta):

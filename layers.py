@@ -89,7 +89,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, Hkv, S, D): everything written so far
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # GQA with a mask: fold each kv head's query heads into the query axis instead of
+            # enable_gqa, which with an explicit mask falls back to the math kernel on CUDA and
+            # materialises the kv heads n_rep times. Heads h of kv head j are j*n_rep .. j*n_rep+n_rep-1.
+            rep = self.n_heads // self.n_kv_heads
+            qf = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
+            m = mask.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(B, 1, rep * T, -1)
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=m).view(B, self.n_heads, T, self.head_dim)
         else:
             # No cache: one causal pass. Right padding needs no mask under causality.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)

@@ -406,12 +406,13 @@ class ViLaVT(nn.Module):
         if pixel_values is not None:
             assert image_embeds is None, "pass pixel_values or image_embeds, not both"
             image_embeds = self.encode_images(pixel_values, grid_thw, query_ids, query_mask, image_to_query)
-        is_img = input_ids == cfg.image_token_id
-        n_img = int(is_img.sum())
-        if image_embeds is not None or n_img:
-            n_feat = 0 if image_embeds is None else image_embeds.shape[0]
-            assert n_feat == n_img, f"{n_img} <|image_pad|> tokens but {n_feat} image features"
+        if image_embeds is not None:
+            is_img = input_ids == cfg.image_token_id
+            n_img = int(is_img.sum())
+            assert image_embeds.shape[0] == n_img, f"{n_img} <|image_pad|> tokens but {image_embeds.shape[0]} image features"
             x = x.masked_scatter(is_img[..., None], image_embeds.to(x.dtype))
+        # (no images: a stray <|image_pad|> fails in rope_index below; decode steps pass
+        # position_ids and skip that host sync, the rollout never samples image tokens)
         if position_ids is None:
             assert cache_pos is None or int(cache_pos.max()) == 0, "decoding from a cache needs position_ids"
             position_ids, _ = rope_index(input_ids, grid_thw, cfg.image_token_id, self.cfg.vision.spatial_merge_size)

@@ -204,6 +204,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     G, n = group_size, len(prompts) * group_size
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = model.new_cache(n, limits.max_context)
+    banned = torch.tensor([ct.image_pad, ct.vision_start, ct.vision_end], device=device)
     rows = []
     # ---- prefill each prompt once (all but its last token), copy to its G rows
     for b, p in enumerate(prompts):
@@ -245,7 +246,9 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         pos = torch.tensor([rows[r].next_pos for r in live], device=device).view(1, -1, 1).expand(3, -1, 1)
         logits = model(x, position_ids=pos, cache=cache, cache_pos=cache_pos)[:, -1].float()
         logp = logits.log_softmax(-1)
-        toks = sample(logits, sampling, gen).tolist()
+        # the policy never writes image blocks: a sampled <|image_pad|> would be an image slot
+        # with no image behind it (the log-probs stay those of the unmasked model)
+        toks = sample(logits.index_fill(-1, banned, float("-inf")), sampling, gen).tolist()
         keep = []
         for i, r in enumerate(live):
             row = rows[r]
