@@ -19,6 +19,11 @@ Benchmarks. One subcommand per benchmark, one function per subcommand (cmd_<name
             / step time / --peak-bw (H100 SXM: 3.35 TB/s).
         --arch tiny is model.tiny_config (the CPU-sized ViLaVT) so the path can be checked on CPU.
 
+    python bench.py rollout
+        CPU, fp32: generated tokens/s of our batched rollout (rollout.py) against transformers'
+        generate on the same tiny checkpoint, prompt token ids and number of new tokens, at
+        --batches (default 1, 8, 16).
+
 Only measured numbers are printed; FLOP and byte counts are formulas, stated in the functions.
 """
 
@@ -208,19 +213,19 @@ def check_counts_against_model(model):
 # model: ours vs transformers (CPU, fp32, tiny checkpoint)
 
 
-def tiny_hf_checkpoint(out_dir, seed):
+def tiny_hf_checkpoint(out_dir, seed, vocab=TINY_VOCAB, ids=TINY_IDS):
     """Write a small Qwen2.5-VL checkpoint with transformers' own save_pretrained."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     vision = dict(depth=8, hidden_size=128, intermediate_size=344, num_heads=4, out_hidden_size=256,
                   fullatt_block_indexes=[3, 7], window_size=112, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
-    text = dict(vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    text = dict(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
                 rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
-    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=TINY_IDS["image_pad"],
-                           video_token_id=TINY_IDS["video_pad"], vision_start_token_id=TINY_IDS["vision_start"],
-                           vision_end_token_id=TINY_IDS["vision_end"], bos_token_id=TINY_IDS["bos"],
-                           eos_token_id=TINY_IDS["eos"])
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids["image_pad"],
+                           video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                           vision_end_token_id=ids["vision_end"], bos_token_id=ids["bos"],
+                           eos_token_id=ids["eos"])
     torch.manual_seed(seed)
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(out_dir)
 
@@ -493,6 +498,81 @@ def cmd_model(args):
         model_throughput(args)
 
 
+# -----------------------------------------------------------------------------
+# rollout: our batched multi-turn generation vs transformers' generate (CPU, tiny checkpoint)
+
+
+def cmd_rollout(args):
+    """Generated tokens/s of rollout.rollout (static KV cache, one batched decode step per token)
+    against transformers' generate on the same tiny checkpoint, the same prompt token ids (our
+    Figure 15/16 rendering of one image + a question) and the same number of new tokens."""
+    import numpy as np
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import data
+    import rollout
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp()
+    tok = data.build_tokenizer(os.path.join(tmp, "tok"))
+    sp = {k: tok.convert_tokens_to_ids(t) for k, t in (("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
+          ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"), ("bos", "<|endoftext|>"), ("eos", "<|im_end|>"))}
+    tiny_hf_checkpoint(os.path.join(tmp, "ckpt"), args.seed, vocab=len(tok), ids=sp)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.path.join(tmp, "ckpt"), dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    ours = ViLaVT.from_pretrained(os.path.join(tmp, "ckpt"))
+    ct = data.ChatTokenizer(tok)
+    budget = data.Budget(max_pixels=args.max_pixels)
+    N = args.new_tokens
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, CPU; {N} new tokens per row, greedy; "
+          f"prompt = system + one {args.max_pixels}-pixel image + question")
+    print(f"{'batch':>5s} {'ours tok/s':>11s} {'hf tok/s':>9s} {'ratio ours/hf':>13s} {'prompt tokens':>13s}")
+    for B in [int(b) for b in args.batches.split(",")]:
+        imgs = [Image.fromarray(np.random.default_rng(args.seed + i).integers(0, 255, (336, 448, 3), np.uint8))
+                for i in range(B)]
+        prompts = [rollout.Prompt([im], f"What is in picture number {i}?") for i, im in enumerate(imgs)]
+        def hf_inputs():
+            """transformers gets exactly our token ids, left padded (generate's convention); the
+            image preprocessing is timed on both sides (the rollout does its own)."""
+            rows, pvs, grids = [], [], []
+            for p in prompts:
+                ctx = data.Context(p.images, budget.for_originals(1), budget.for_crops(), budget.min_pixels)
+                rows.append(ct.encode_parts(data.prompt_parts([v.display for v in ctx.views], p.question),
+                                            [v.n_tokens for v in ctx.views]))
+                enc = ctx.encoder_inputs(ctx.views, ct)
+                pvs.append(enc["pixel_values"])
+                grids.append(enc["grid_thw"])
+            T = max(len(r) for r in rows)
+            ids = torch.tensor([[sp["bos"]] * (T - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+            return ids, mask, torch.cat(pvs), torch.cat(grids)
+
+        T = hf_inputs()[0].shape[1]
+        limits = rollout.Limits(max_turn_tokens=N, max_new_tokens=N, max_context=T + N + 8)
+
+        def run_ours():
+            return sum(sum(t.policy_mask) for t in rollout.rollout(ours, ct, prompts, 1, rollout.Sampling(greedy=True),
+                                                                   limits, budget))
+
+        def run_hf():
+            ids, mask, pv, grid = hf_inputs()
+            out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
+                              max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=sp["bos"])
+            return (out.shape[1] - T) * B
+
+        with torch.no_grad():
+            res = {}
+            for name, fn in (("ours", run_ours), ("hf", run_hf)):
+                fn()  # warm-up
+                times, n = [], 0
+                for _ in range(args.iters):
+                    dt, n = timed(fn, "cpu")
+                    times.append(dt)
+                res[name] = n / statistics.median(times)
+        print(f"{B:5d} {res['ours']:11.0f} {res['hf']:9.0f} {res['ours'] / res['hf']:13.2f} {T:13d}")
+    print("(ours may stop a row early at <|im_end|> or </tool>; tokens/s counts the tokens each generated)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -522,6 +602,16 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense peak")
     p.add_argument("--peak-bw", type=float, default=3.35, help="memory bandwidth peak, TB/s (H100 SXM)")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("rollout", help="batched rollout generation vs transformers' generate (CPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batches", default="1,8,16", help="prompts decoded together")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (an RL turn is hundreds)")
+    p.add_argument("--max-pixels", type=int, default=224 * 224, help="image size (pixels) of each prompt")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--iters", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_rollout)
 
     args = ap.parse_args()
     if args.cmd == "model" and args.arch is None:

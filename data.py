@@ -594,6 +594,21 @@ class Context:
                     image_to_query=torch.tensor([remap[v.group] for v in views]),
                     query_ids=qids, query_mask=qmask)
 
+    @staticmethod
+    def merge_encoder_inputs(encs):
+        """Several encoder_inputs (e.g. of different prompts) as one encoder call: groups are
+        renumbered to stay distinct and the inquiries padded to one width (right padding)."""
+        L = max(e["query_ids"].shape[1] for e in encs)
+        pad = lambda t: torch.nn.functional.pad(t, (0, L - t.shape[1]))
+        offsets = [0]
+        for e in encs:
+            offsets.append(offsets[-1] + e["query_ids"].shape[0])
+        return dict(pixel_values=torch.cat([e["pixel_values"] for e in encs]),
+                    grid_thw=torch.cat([e["grid_thw"] for e in encs]),
+                    image_to_query=torch.cat([e["image_to_query"] + o for e, o in zip(encs, offsets)]),
+                    query_ids=torch.cat([pad(e["query_ids"]) for e in encs]),
+                    query_mask=torch.cat([pad(e["query_mask"]) for e in encs]))
+
 
 # -----------------------------------------------------------------------------
 # trajectory records (JSONL; the schema is documented in the README)

@@ -133,10 +133,9 @@ def _positions(ids, grids, start, image_token_id):
     return pos + start, int(nxt[0]) + start
 
 
-def _encoder_inputs(model, ctx, views, ct, device):
+def _on_device(model, enc, device):
     # The images are encoded inside the prefill's forward (not by a separate encode_images
     # call): with FSDP2 every forward must enter through the root module.
-    enc = ctx.encoder_inputs(views, ct)
     enc = {k: v.to(device) for k, v in enc.items()}
     enc["pixel_values"] = enc["pixel_values"].to(model.visual.patch_embed.proj.weight.dtype)
     return enc
@@ -178,7 +177,7 @@ def _end_turn(row, tok, model, ct, limits, device):
         except ValueError as e:  # e.g. a crop too thin to encode
             error = str(e)
     if error is None:
-        enc = _encoder_inputs(model, ctx, new, ct, device)  # the new crops only: one group, with the query
+        enc = _on_device(model, ctx.encoder_inputs(new, ct), device)  # the new crops only: one group, with the query
     else:
         traj.n_invalid += 1
         traj.errors.append(error)
@@ -206,26 +205,36 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     cache = model.new_cache(n, limits.max_context)
     banned = torch.tensor([ct.image_pad, ct.vision_start, ct.vision_end], device=device)
     rows = []
-    # ---- prefill each prompt once (all but its last token), copy to its G rows
+    # ---- prefill all prompts in one right-padded batch (all but each one's last token) into
+    # cache rows 0..B-1, then copy prompt b to its G rows b*G..b*G+G-1. Slots past a row's own
+    # length hold padding garbage that its decode steps overwrite before they ever attend to it.
+    ctxs, prompt_ids, encs = [], [], []
     for b, p in enumerate(prompts):
         ctx = Context(p.images, p.max_pixels or budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
         parts = prompt_parts([v.display for v in ctx.views], p.question, data.SYSTEM_PROMPT if p.system is None else p.system,
                              p.user, p.instructions)
         ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
-        enc = _encoder_inputs(model, ctx, ctx.views, ct, device)  # originals: once per prompt, not per sample
-        pos, nxt = _positions(ids, enc["grid_thw"], 0, image_token)
-        r0 = b * G
-        model(torch.tensor([ids[:-1]], device=device), **enc, position_ids=pos[:, :, :-1].to(device),
-              cache=cache.view_rows(r0, r0 + 1), cache_pos=torch.zeros(1, dtype=torch.long, device=device))
-        cache.copy_rows([r0] * (G - 1), list(range(r0 + 1, r0 + G)))
+        ctxs.append(ctx), prompt_ids.append(ids), encs.append(ctx.encoder_inputs(ctx.views, ct))
+    L = max(len(ids) for ids in prompt_ids) - 1
+    batch_ids = torch.tensor([ids[:-1] + [ct.im_end] * (L + 1 - len(ids)) for ids in prompt_ids])
+    # originals: encoded once per prompt, not per sample; each image its own group, no inquiry
+    enc = _on_device(model, Context.merge_encoder_inputs(encs), device)
+    pos, _ = rope_index(batch_ids, enc["grid_thw"].cpu(), image_token)
+    model.hidden_states(batch_ids.to(device), **enc, position_ids=pos.to(device), cache=cache.view_rows(0, len(prompts)),
+                        cache_pos=torch.zeros(len(prompts), dtype=torch.long, device=device))
+    for b in reversed(range(len(prompts))):  # descending: a target row never holds a prompt still to copy
+        cache.copy_rows([b] * G, list(range(b * G, b * G + G)))
+    for b, p in enumerate(prompts):
+        ids = prompt_ids[b]
+        nxt = _positions(ids, encs[b]["grid_thw"], 0, image_token)[1]
         for g in range(G):
-            c = ctx if g == 0 else _copy_context(ctx)
+            c = ctxs[b] if g == 0 else _copy_context(ctxs[b])
             traj = Trajectory(ids=list(ids), policy_mask=[0] * len(ids), logprobs=[0.0] * len(ids), context=c,
                               prompt_len=len(ids))
             t_max = p.max_tool_calls if p.max_tool_calls is not None else limits.max_tool_calls
             rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=nxt - 1,
-                             forced=None if forced is None else list(forced[r0 + g])))
+                             forced=None if forced is None else list(forced[b * G + g])))
     live = list(range(n))  # row i of the cache holds rows[live[i]]
     while live:
         # ---- observations: prefill all but the last fed token, one row at a time
@@ -235,7 +244,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
                 chunk, enc = row.feed[:-1], row.feed_images or {}
                 grids = enc.get("grid_thw")
                 pos, _ = _positions(chunk, grids, row.next_pos, image_token)
-                model(torch.tensor([chunk], device=device), **enc, position_ids=pos.to(device),
+                model.hidden_states(torch.tensor([chunk], device=device), **enc, position_ids=pos.to(device),
                       cache=cache.view_rows(i, i + 1), cache_pos=torch.tensor([row.cache_len], device=device))
                 row.next_pos = _positions(row.feed, grids, row.next_pos, image_token)[1] - 1
                 row.cache_len += len(chunk)
