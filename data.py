@@ -463,6 +463,12 @@ class ChatTokenizer:
         self.query_eos = self.qtok.convert_tokens_to_ids("<|endoftext|>")
         self.eos_ids = (self.im_end, ids["<|endoftext|>"])  # either ends an assistant turn
 
+    @classmethod
+    def load(cls, model_dir, cfg, embedder_dir=None):
+        """The tokenizers of a model folder (see load_tokenizers) for a model of config cfg."""
+        return cls(*load_tokenizers(model_dir, embedder_dir, need_query=cfg.inquiry is not None),
+                   cfg.inquiry.max_tokens if cfg.inquiry is not None else 50)
+
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)
 

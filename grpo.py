@@ -25,8 +25,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -36,7 +34,7 @@ import reward
 import rollout
 from model import config_to_hf, read_json
 from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0, resolve_checkpoint,
-                 save, set_rng_state, warn)
+                 restore, save, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -306,8 +304,7 @@ def train(args, rank, world, device):
 
     # ---- model, tokenizers, prompts, optimizer
     model, cfg = build_model(model_dir, None, args, device, rank)
-    tok, qtok = data.load_tokenizers(model_dir, None, model.is_vilavt)
-    ct = data.ChatTokenizer(tok, qtok, cfg.inquiry.max_tokens if cfg.inquiry else 50)
+    ct = data.ChatTokenizer.load(model_dir, cfg)
     budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
     if os.path.exists(os.path.join(args.image_root, "meta.json")):  # the zoom world's own display budget
         budget = data.read_budget(args.image_root)
@@ -318,10 +315,7 @@ def train(args, rank, world, device):
     start = 0
     if meta is not None:
         start = meta["step"]
-        osd = get_optimizer_state_dict(model, opt)
-        dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
-        set_optimizer_state_dict(model, opt, osd)
-        set_rng_state(meta["rng"][rank % len(meta["rng"])])
+        restore(model, opt, ckpt, meta, rank)
     end = min(args.steps, args.stop_at_step) if args.stop_at_step > 0 else args.steps
     if args.bench:
         end = min(end, start + 3)
@@ -345,7 +339,7 @@ def train(args, rank, world, device):
         last_step = step == end
         if not args.bench and step > start and (last_step or step % args.save_every == 0):
             run_meta = dict(step=step, args=vars(args), config=config_to_hf(cfg), world_size=world)
-            save(args.out_dir, step, model, opt, cfg, (tok, qtok), run_meta, model_dir, rank)
+            save(args.out_dir, step, model, opt, cfg, (ct.tok, ct.qtok), run_meta, model_dir, rank)
         if last_step:
             break
 

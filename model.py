@@ -13,14 +13,12 @@ State-dict keys are the checkpoints' own (SPEC 1-2): `model.embed_tokens`, `mode
 
 import argparse
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -251,16 +249,24 @@ class KVCache:
         view.max_len = self.max_len
         return view
 
-    def copy_rows(self, src, dst):
-        """Copy the cache of rows `src` into rows `dst` (e.g. one prefill to its G samples)."""
+    def copy_rows(self, src, dst, n=None):
+        """Copy the cache of rows `src` into rows `dst` (e.g. one prefill to its G samples).
+        n: copy only slots [0, n), the ones written so far (default: all)."""
+        n = self.max_len if n is None else n
         for c in self.layers:
-            c.k[dst] = c.k[src]
-            c.v[dst] = c.v[src]
+            c.k[dst, :, :n] = c.k[src, :, :n]
+            c.v[dst, :, :n] = c.v[src, :, :n]
 
-    def select_rows(self, idx):
-        """Keep only rows `idx` (in that order): finished rows stop costing compute."""
+    def select_rows(self, idx, n=None):
+        """Keep only rows `idx` (in that order): finished rows stop costing compute.
+        n: slots [0, n) hold data (default: all); the rest of the new rows is zero."""
+        n = self.max_len if n is None else n
         for c in self.layers:
-            c.k, c.v = c.k[idx], c.v[idx]
+            for name in ("k", "v"):
+                old = getattr(c, name)
+                new = old.new_zeros((len(idx),) + old.shape[1:])
+                new[:, :, :n] = old[idx, :, :n]
+                setattr(c, name, new)
 
 
 # -----------------------------------------------------------------------------

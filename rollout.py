@@ -17,14 +17,12 @@ everything the encoder saw, so grpo.py recomputes log-probs on exactly the same 
     answer, traj = rollout.ask(model, ["photo.jpg"], "What is written on the sign?", tok)
 """
 
-import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import data
-from data import IM_END, Budget, ChatTokenizer, Context, observation_parts, prompt_parts
+from data import Budget, ChatTokenizer, Context, observation_parts, prompt_parts
 from model import ViLaVT, rope_index
 from reward import parse_turn, validate_tool_call
 
@@ -224,7 +222,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     model.hidden_states(batch_ids.to(device), **enc, position_ids=pos.to(device), cache=cache.view_rows(0, len(prompts)),
                         cache_pos=torch.zeros(len(prompts), dtype=torch.long, device=device))
     for b in reversed(range(len(prompts))):  # descending: a target row never holds a prompt still to copy
-        cache.copy_rows([b] * G, list(range(b * G, b * G + G)))
+        cache.copy_rows([b] * G, list(range(b * G, b * G + G)), n=L)
     for b, p in enumerate(prompts):
         ids = prompt_ids[b]
         nxt = _positions(ids, encs[b]["grid_thw"], 0, image_token)[1]
@@ -282,7 +280,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
                 row.traj.finish = finish
         if len(keep) < len(live):
             if keep:
-                cache.select_rows(torch.tensor(keep, device=device))
+                cache.select_rows(torch.tensor(keep, device=device), n=max(rows[live[i]].cache_len for i in keep))
             live = [live[i] for i in keep]
     return [row.traj for row in rows]
 
@@ -303,8 +301,7 @@ def load(model_dir, embedder_dir=None, dtype=torch.float32, device="cpu"):
     """(model, ChatTokenizer) from a checkpoint folder. The LM tokenizer lives in the folder;
     the inquiry tokenizer in its query_tokenizer/ (our checkpoints) or the embedder folder."""
     model = ViLaVT.from_pretrained(model_dir, embedder_dir, dtype=dtype, device=device)
-    return model, ChatTokenizer(*data.load_tokenizers(model_dir, embedder_dir, need_query=model.is_vilavt),
-                                model.cfg.inquiry.max_tokens if model.is_vilavt else 50)
+    return model, ChatTokenizer.load(model_dir, model.cfg, embedder_dir)
 
 
 def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sampling(greedy=True),

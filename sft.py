@@ -423,6 +423,15 @@ def save(out_dir, step, model, opt, cfg, toks, meta, source_dir, rank):
     return write_checkpoint(out_dir, step, write, rank)
 
 
+def restore(model, opt, ckpt, meta, rank):
+    """Resume: this rank's shard of the AdamW state and its RNG state (the weights were loaded
+    from the checkpoint folder itself)."""
+    osd = get_optimizer_state_dict(model, opt)
+    dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(model, opt, osd)
+    set_rng_state(meta["rng"][rank % len(meta["rng"])])
+
+
 def latest_checkpoint(out_dir):
     """The step folder out_dir/latest points to, or None."""
     p = os.path.join(out_dir, "latest")
@@ -499,8 +508,7 @@ def train(args, rank, world, device):
 
     # ---- model, tokenizers, data, optimizer
     model, cfg = build_model(model_dir, embedder_dir, args, device, rank)
-    tok, qtok = data.load_tokenizers(model_dir, embedder_dir, model.is_vilavt)
-    ct = ChatTokenizer(tok, qtok, cfg.inquiry.max_tokens if cfg.inquiry else 50)
+    ct = ChatTokenizer.load(model_dir, cfg, embedder_dir)
     ds = TrajectoryDataset(data_path, args.image_root, ct, budget, skip_bad=args.skip_bad, log=warn)
     num_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(ds) // G
     if num_steps < 1:
@@ -511,10 +519,7 @@ def train(args, rank, world, device):
     start_step = 0
     if meta is not None:
         start_step = meta["step"]
-        osd = get_optimizer_state_dict(model, opt)
-        dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
-        set_optimizer_state_dict(model, opt, osd)
-        set_rng_state(meta["rng"][rank % len(meta["rng"])])
+        restore(model, opt, ckpt, meta, rank)
     if start_step >= end_step:
         print0(f"nothing to do: {ckpt} is at step {start_step} of {end_step}")
     if args.bench:
@@ -558,7 +563,7 @@ def train(args, rank, world, device):
         if not args.bench and step > start_step and (last_step or periodic):
             run_meta = dict(step=step, data_position=step * G, epoch=step * G / len(ds), num_steps=num_steps,
                             world_size=world, loss=loss, args=vars(args), config=config_to_hf(cfg))
-            path = save(args.out_dir, step, model, opt, cfg, (tok, qtok), run_meta, model_dir, rank)
+            path = save(args.out_dir, step, model, opt, cfg, (ct.tok, ct.qtok), run_meta, model_dir, rank)
             if rank == 0:
                 bar.write(f"step {step}: saved {path}")
         if last_step:
