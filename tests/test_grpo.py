@@ -206,3 +206,8 @@ def test_resume_continues_the_same_curve(tmp_path, tokenizer):
         dumped = [json.loads(ln) for ln in f]
     assert [d["step"] for d in dumped] == [2] * 4 + [4] * 4  # prompts x G at steps 2 and 4
     assert {"turns", "reward", "advantage", "crops", "queries", "finish"} <= set(dumped[0])
+    # the training-dynamics figure (paper Figure 9): one PNG per curve
+    from PIL import Image
+    grpo.main(["--plot", str(tmp_path / "full" / "log.jsonl")])
+    png = tmp_path / "full" / "log_reward.png"
+    assert Image.open(png).size[0] > 200 and (tmp_path / "full" / "log_clip_frac.png").exists()
