@@ -421,20 +421,43 @@ def dump(path, step, trajs, scores, adv):
 # training-dynamics figure (like the paper's Figure 9)
 
 
-def plot(log_path):
-    from eval import plot_lines
+def plot(log_path, cols=4):
+    """One PNG next to LOG (log.png) with a panel per curve, linear axes, step on x."""
+    from PIL import Image, ImageDraw
     with open(log_path) as f:
         rows = [json.loads(ln) for ln in f if ln.strip()]
     if not rows:
         raise SystemExit(f"{log_path}: empty log")
-    out = []
-    for key, label in (("reward", "mean reward"), ("accuracy", "accuracy"), ("tool_calls", "tool calls / trajectory"),
-                       ("response_len", "response length"), ("clip_frac", "clip fraction"),
-                       ("approx_kl", "approx. KL to old"), ("entropy", "entropy"), ("grad_norm", "grad norm")):
-        path = os.path.splitext(log_path)[0] + f"_{key}.png"
-        plot_lines({label: [(r["step"], r[key]) for r in rows]}, path, label, "step", label)
-        out.append(path)
-    print("\n".join(out))
+    curves = [("reward", "mean reward"), ("accuracy", "accuracy"), ("format", "format rate"),
+              ("tool_calls", "tool calls / trajectory"), ("response_len", "response length (tokens)"),
+              ("invalid_rate", "invalid-call rate"), ("clip_frac", "clip fraction"), ("approx_kl", "approx. KL to old"),
+              ("entropy", "entropy"), ("grad_norm", "grad norm"), ("rollout_tok_s", "rollout tokens/s"),
+              ("update_tok_s", "update tokens/s")]
+    pw, ph, m = 360, 240, 46  # panel size, margin
+    img = Image.new("RGB", (cols * pw, -(-len(curves) // cols) * ph), "white")
+    d = ImageDraw.Draw(img)
+    xs = [r["step"] for r in rows]
+    for n, (key, label) in enumerate(curves):
+        ox, oy = (n % cols) * pw, (n // cols) * ph
+        ys = [r[key] for r in rows]
+        lo, hi = min(ys), max(ys)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        px = lambda x: ox + m + (x - x0) / (x1 - x0) * (pw - m - 12)  # noqa: E731
+        py = lambda y: oy + ph - 30 - (y - lo) / (hi - lo) * (ph - 62)  # noqa: E731
+        d.rectangle([ox + m, oy + 32, ox + pw - 12, oy + ph - 30], outline=(160, 160, 160))
+        for t in range(5):  # y ticks
+            y = lo + t * (hi - lo) / 4
+            d.text((ox + m - 4, py(y)), f"{y:.3g}", "black", anchor="rm")
+        d.text((px(x0), oy + ph - 26), str(x0), "black", anchor="la")
+        d.text((px(x1), oy + ph - 26), str(x1), "black", anchor="ra")
+        d.text((ox + pw / 2, oy + 16), label, "black", anchor="mm")
+        d.line([(px(x), py(y)) for x, y in zip(xs, ys)] if len(xs) > 1 else [(px(xs[0]), py(ys[0]))] * 2,
+               (31, 100, 220), 2)
+    path = os.path.splitext(log_path)[0] + ".png"
+    img.save(path)
+    print(path)
+    return path
 
 
 if __name__ == "__main__":
