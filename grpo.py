@@ -32,9 +32,9 @@ from tqdm import tqdm
 import data
 import reward
 import rollout
-from model import config_to_hf, read_json
+from model import config_to_hf
 from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0, resolve_checkpoint,
-                 restore, save, warn)
+                 restore, resume_meta, save, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -295,12 +295,8 @@ def train(args, rank, world, device):
         raise SystemExit(f"{args.out_dir} already holds a run; pass --resume, or another --out-dir")
     meta = None
     if ckpt is not None:
-        meta = read_json(os.path.join(ckpt, "meta.json"))
-        changed = [k for k in RESUME_KEYS if meta["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"--resume from {ckpt} with changed flags: {changed}")
+        meta = resume_meta(ckpt, args, RESUME_KEYS)
         model_dir = ckpt
-        print0(f"resuming from {ckpt} (step {meta['step']})")
 
     # ---- model, tokenizers, prompts, optimizer
     model, cfg = build_model(model_dir, None, args, device, rank)

@@ -423,6 +423,18 @@ def save(out_dir, step, model, opt, cfg, toks, meta, source_dir, rank):
     return write_checkpoint(out_dir, step, write, rank)
 
 
+def resume_meta(ckpt, args, keys):
+    """A checkpoint's meta.json, after checking that no flag in `keys` (those that define the
+    run's math and data order) changed since it was written."""
+    meta = read_json(os.path.join(ckpt, "meta.json"))
+    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
+               if meta["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume from {ckpt} with changed flags: {'; '.join(changed)}")
+    print0(f"resuming from {ckpt} (step {meta['step']})")
+    return meta
+
+
 def restore(model, opt, ckpt, meta, rank):
     """Resume: this rank's shard of the AdamW state and its RNG state (the weights were loaded
     from the checkpoint folder itself)."""
@@ -486,13 +498,8 @@ def train(args, rank, world, device):
                          "pass --resume to continue it, or another --out-dir")
     meta = None
     if ckpt is not None:
-        meta = read_json(os.path.join(ckpt, "meta.json"))
-        changed = [f"--{k.replace('_', '-')} {meta['args'][k]!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-                   if meta["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"--resume from {ckpt} with changed flags: {'; '.join(changed)}")
+        meta = resume_meta(ckpt, args, RESUME_KEYS)
         model_dir, embedder_dir = ckpt, None  # the checkpoint is self-contained
-        print0(f"resuming from {ckpt} (step {meta['step']})")
     elif args.resume:
         print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
     if args.import_release:
