@@ -305,7 +305,8 @@ def train(args, rank, world, device):
     if os.path.exists(os.path.join(args.image_root, "meta.json")):  # the zoom world's own display budget
         budget = data.read_budget(args.image_root)
     records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad)
-    limits = rollout.Limits(args.max_tool_calls, 52, args.max_turn_tokens, args.max_new_tokens, args.max_context)
+    limits = rollout.Limits(max_tool_calls=args.max_tool_calls, max_turn_tokens=args.max_turn_tokens,
+                            max_new_tokens=args.max_new_tokens, max_context=args.max_context)
     opt = make_optimizer(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     start = 0

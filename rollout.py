@@ -111,7 +111,7 @@ class _Row:
     traj: Trajectory
     t_max: int
     feed: list  # tokens to feed next (the last one goes through the batched step)
-    feed_images: dict | None = None  # encoder inputs of the image blocks inside `feed`
+    feed_enc: dict | None = None  # encoder inputs of the image blocks inside `feed`
     cache_len: int = 0  # cache slots written
     next_pos: int = 0  # next M-RoPE text position
     turn: list = field(default_factory=list)  # current turn's policy tokens
@@ -159,7 +159,10 @@ def _end_turn(row, tok, model, ct, limits, device):
     turn = parse_turn(text)
     if is_eos or turn.tool is None and turn.error is None:
         return "answer" if turn.answer is not None else "no_answer"
-    # a tool call: the environment closes the assistant turn and writes the observation
+    # a tool call: the environment closes the assistant turn and writes the observation. The
+    # turn stops at </tool>, so the <|im_end|> after it is the environment's (no RL loss), while
+    # SFT trains it; an invalid call gets an error observation and the row goes on (the release
+    # ended training rollouts silently; SPEC 4).
     ctx = traj.context
     traj.n_tool_calls += 1
     if traj.n_tool_calls > row.t_max:
@@ -184,7 +187,7 @@ def _end_turn(row, tok, model, ct, limits, device):
     if row.cache_len + 1 + len(env) + 1 > limits.max_context:
         return "context_full"
     _append(row, env, policy=False)
-    row.feed, row.feed_images = [tok] + env, enc
+    row.feed, row.feed_enc = [tok] + env, enc
     return None
 
 
@@ -225,13 +228,13 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         cache.copy_rows([b] * G, list(range(b * G, b * G + G)), n=L)
     for b, p in enumerate(prompts):
         ids = prompt_ids[b]
-        nxt = _positions(ids, encs[b]["grid_thw"], 0, image_token)[1]
+        next_pos = int(pos[:, b, :len(ids) - 1].max()) + 1  # the last prompt token is text: max + 1
         for g in range(G):
             c = ctxs[b] if g == 0 else _copy_context(ctxs[b])
             traj = Trajectory(ids=list(ids), policy_mask=[0] * len(ids), logprobs=[0.0] * len(ids), context=c,
                               prompt_len=len(ids))
             t_max = p.max_tool_calls if p.max_tool_calls is not None else limits.max_tool_calls
-            rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=nxt - 1,
+            rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=next_pos,
                              forced=None if forced is None else list(forced[b * G + g])))
     live = list(range(n))  # row i of the cache holds rows[live[i]]
     while live:
@@ -239,14 +242,14 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         for i, r in enumerate(live):
             row = rows[r]
             if len(row.feed) > 1:
-                chunk, enc = row.feed[:-1], row.feed_images or {}
-                grids = enc.get("grid_thw")
-                pos, _ = _positions(chunk, grids, row.next_pos, image_token)
+                chunk, enc = row.feed[:-1], row.feed_enc or {}
+                pos, nxt = _positions(chunk, enc.get("grid_thw"), row.next_pos, image_token)
                 model.hidden_states(torch.tensor([chunk], device=device), **enc, position_ids=pos.to(device),
-                      cache=cache.view_rows(i, i + 1), cache_pos=torch.tensor([row.cache_len], device=device))
-                row.next_pos = _positions(row.feed, grids, row.next_pos, image_token)[1] - 1
+                                    cache=cache.view_rows(i, i + 1),
+                                    cache_pos=torch.tensor([row.cache_len], device=device))
+                row.next_pos = nxt  # the held-back last token (the assistant header's '\n') is text
                 row.cache_len += len(chunk)
-                row.feed, row.feed_images = row.feed[-1:], None
+                row.feed, row.feed_enc = row.feed[-1:], None
         # ---- one batched decode step: one token per live row
         x = torch.tensor([[rows[r].feed[0]] for r in live], device=device)
         cache_pos = torch.tensor([rows[r].cache_len for r in live], device=device)
