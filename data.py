@@ -327,6 +327,17 @@ ANSWER_RULES = ("- Note that x1, y1, x2, y2 are the coordinates of the bounding 
                 "  - For yes/no questions: output only Yes or No.\n"
                 "  - For numerical answers: output only the number (e.g., 42, 3.14).\n"
                 "  - Do not include explanations, units, punctuation, or extra words.")
+# The end of Figure 16's user turn: the tool-call and answer formats and the closing notes.
+CHAT_INSTRUCTIONS = ("If you need to zoom in for more details or examine specific regions, make tool call following "
+                     "the format:\n" + TOOL_FORMAT + "\nIf you have enough information to answer the original "
+                     "question:\n" + ANSWER_FORMAT + "\n" + ANSWER_RULES)
+# "Thinking about images" (paper Table 1), no tools: Qwen's plain system prompt, and after the
+# question the chat prompt's answer format and rules, nothing about tools or boxes. eval.py's
+# direct mode; also records with "mode": "direct" (the zoom world's no-tool share).
+PLAIN_SYSTEM = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
+DIRECT_INSTRUCTIONS = ("Answer from the image(s) as given: no zoom-in tool is available. Think it through first, "
+                       "then give your final answer in this format:\n" + ANSWER_FORMAT + "\n"
+                       + "\n".join(r for r in ANSWER_RULES.splitlines() if "bounding box" not in r))
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = IM_START + "assistant\n"
@@ -361,9 +372,7 @@ def prompt_parts(displays, question, system=SYSTEM_PROMPT, user=None, instructio
     Figure 16 (ANSWER_RULES)."""
     parts = [f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n"]
     if instructions is None:
-        instructions = ("If you need to zoom in for more details or examine specific regions, make tool call following "
-                        "the format:\n" + TOOL_FORMAT + "\nIf you have enough information to answer the original "
-                        "question:\n" + ANSWER_FORMAT + "\n" + ANSWER_RULES)
+        instructions = CHAT_INSTRUCTIONS
     if user is not None:
         parts += _placeholders(user, len(displays), "user prompt")
     elif "<image>" in question:
@@ -673,7 +682,9 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
             _fail(where, "problem_type", f"{rec.get('problem_type')!r} is not one of {PROBLEM_TYPES}")
     if need_answer and not isinstance(rec.get("answer"), (str, int, float)):
         _fail(where, "answer", "missing (string or number)")
-    mt = rec.get("max_tool_calls", 5)
+    if rec.get("mode", "chat") not in ("chat", "direct"):
+        _fail(where, "mode", f"{rec['mode']!r} is not 'chat' or 'direct'")
+    mt = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls", 5)
     if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
         _fail(where, "max_tool_calls", f"must be a non-negative int, got {mt!r}")
     if image_root is not None:
@@ -764,9 +775,11 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
         ids.extend(x), labels.extend(x), text.append(s + IM_END)
 
     displays = [v.display for v in ctx.views]
+    direct = rec.get("mode") == "direct"  # the no-tool prompt (eval.py --mode direct)
     try:
         parts = prompt_parts(displays, format_question(rec["question"], rec.get("options")),
-                             rec.get("system", SYSTEM_PROMPT), rec.get("prompt"))
+                             rec.get("system", PLAIN_SYSTEM if direct else SYSTEM_PROMPT), rec.get("prompt"),
+                             DIRECT_INSTRUCTIONS if direct else None)
     except ValueError as e:  # '<image>' placeholders that do not match the images
         raise RecordError(f"{where}: field '{'prompt' if 'prompt' in rec else 'question'}': {e}") from None
     env(parts, ctx.views)
@@ -907,7 +920,8 @@ def tokenizer_corpus():
     """The deterministic training text of build_tokenizer: every fixed prompt text, one
     rendered prompt and observation, the zoom world's templates filled with each colour,
     place and number, and the printable ASCII characters."""
-    texts = [SYSTEM_PROMPT, TOOL_FORMAT, ANSWER_FORMAT, CONTINUE_NOTE, FINAL_NOTE]
+    texts = [SYSTEM_PROMPT, ZW_SYSTEM, ZW_INSTRUCTIONS, PLAIN_SYSTEM, DIRECT_INSTRUCTIONS, TOOL_FORMAT, ANSWER_FORMAT,
+             CONTINUE_NOTE, FINAL_NOTE]
     texts += [p for p in prompt_parts([(224, 224), (224, 224)], "How many dots are on the red card?")
               + observation_parts(2, [(84, 56)]) if p is not IMAGE]
     texts += [f"The index of the provided image is {i}.\nThe index of the zoom-in image is {i} "
@@ -949,7 +963,7 @@ def build_tokenizer(out_dir, vocab_size=1024):
 # it, the last step answers.
 #
 # Why the mark needs a zoom (the physics). Originals are displayed at exactly 1/r of their
-# size (default 448x448 -> 224x224, r = 2, 64 visual tokens). A mark is a region of
+# size (default 336x336 -> 168x168, r = 2, 36 visual tokens). A mark is a region of
 # checkerboard texture (cells of r/2 original px, levels ink_levels) on a label of flat grey
 # equal to the texture's mean, so mark and bare label differ only in a pattern whose period
 # is one display pixel. The resize to the display (BICUBIC, antialiased) weighs each display
@@ -961,43 +975,73 @@ def build_tokenizer(out_dir, vocab_size=1024):
 # at full contrast in the crop, and at 4 px per period in a crop of a crop.
 # Visible at the display: the cards, their colours, sizes and number. Questions about those
 # are the text-only share (App. A.3): a single answer step, no tool call.
-# Gold bboxes have sides in multiples of 14 display px, so a gold crop is a multiple of 28 px
-# and smart_resize leaves it alone. An off-grid crop is resampled by smart_resize, which
-# beats the 2-px texture into a moire of lower but still large contrast (test: >= 40 of 255).
+# Where the cards are. Each image is cut into a grid of cells (default 2x2, the four corner
+# phrases; 3x3 gives all nine), a card sits at a random spot inside one cell, and the gold
+# bbox is the whole cell (84x84 display px by default: a 168x168 crop, 36 tokens, that
+# smart_resize leaves alone). Locating the card is a choice among a few cells, named in the
+# think before the bbox is written: a model of a few million parameters trained for minutes
+# can map a phrase to a box (with free-form boxes our first tiny runs wrote degenerate ones).
+# A bbox off the grid still works if it covers the card: its crop is resampled by
+# smart_resize, which beats the 2-px texture into a moire of lower but still
+# large contrast (test: >= 40 of 255).
 
 
 @dataclass
 class ZoomWorldConfig:
     """Every knob of the zoom world. Sizes in original-file pixels unless said otherwise."""
-    canvas_size: tuple = (448, 448)  # (W, H) of each original image file
-    display_max_pixels: int = 224 * 224  # max_pixels of originals: 448x448 shows at 224x224 = 64 visual tokens;
+    canvas_size: tuple = (336, 336)  # (W, H) of each original image file
+    display_max_pixels: int = 168 * 168  # max_pixels of originals: 336x336 shows at 168x168 = 36 visual tokens;
     #   canvas / display must be an even integer r (checked), marks vanish at the display
     min_pixels: int = MIN_PIXELS  # smart_resize lower bound, for originals and crops
     crop_max_pixels: int = None  # max_pixels of a crop; None = the full budget (budget_per_crop())
+    grid: tuple = (2, 2)  # (columns, rows) of cells, 2 or 3 each; a card sits inside one cell, the gold bbox
+    #   is that cell, and the think names it ("in the top left") before the bbox is written
+    cell_margin: int = 8  # least space between a card and its cell's edge
     card_size: tuple = (64, 40)  # (w, h) of a card: 32x20 display px
     card_border: int = 6  # coloured frame around the card's flat grey label
-    card_gap: int = 12  # minimum free space between two cards
-    edge_margin: int = 16  # minimum distance from a card to the canvas edge
     big_card_scale: float = 1.5  # linear size of an image's one large card relative to card_size
     big_card_share: float = 0.4  # share of images with a large card (always one for "largest color" questions)
-    mark_kinds: tuple = ("dots", "digit")  # mark kinds, drawn uniformly per sample: dots to count, or a digit
+    mark_kinds: tuple = ("dots",)  # mark kinds, drawn uniformly per sample: "dots" to count, "digit" to read
     dot_size: int = 8  # side of a square dot (4 display px at 1x; 8 crop px after one zoom); multiple of r
     dot_gap: int = 4  # space between dot positions
     dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
     dot_count: tuple = (1, 6)  # dots on a card, inclusive range
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
-    n_cards: tuple = (3, 6)  # cards per image, inclusive range; at most len(ZW_COLORS), distinct colours
-    n_clutter: tuple = (25, 45)  # background clutter shapes per image, inclusive range
-    clutter_size: tuple = (6, 64)  # clutter shape size range
+    n_cards: tuple = (2, 4)  # cards per image, inclusive range; at most len(ZW_COLORS) and the cell count
+    n_clutter: tuple = (15, 30)  # background clutter shapes per image, inclusive range
+    clutter_size: tuple = (6, 48)  # clutter shape size range
     multi_images: tuple = (2, 3)  # images in a multi-image sample, inclusive range
     share_text_only: float = 0.2  # samples answerable from the initial view: one answer step, no tool
     share_multi: float = 0.3  # of the tool-using samples: multi-image (one call names regions in every image)
     share_mc: float = 0.5  # of each category: multiple choice (options, letter answer); else numeric (MRA)
-    share_crop_of_crop: float = 0.25  # of single-image tool-using samples: zoom on an area, then on the card in it
-    bbox_margin: int = 4  # least space (display px) between the target card and the gold bbox's edge
+    share_crop_of_crop: float = 0.0  # of single-image tool-using samples: zoom on 2x2 cells, then on the card's
+    #   (needs a 3x3 grid)
+    share_direct: float = 0.1  # of the train split: "mode": "direct" records (no tools; a guess where the mark is
+    #   needed), so the SFT model also knows the no-tool prompt of eval.py --mode direct: the demo's baseline
     max_tool_calls: int = 5  # the records' max_tool_calls
     seed: int = 0  # default seed of make_zoom_world
+
+
+# The zoom world's prompts (in every chat record: `system` and `prompt`, so SFT, GRPO and eval all
+# use them). A deliberate difference from Figures 15/16, for the CPU budget: those are ~500
+# tokens of the same text around every question. With them, the tiny model never learned to
+# copy the card's colour from the question (measured: teacher-forced, its think named the
+# right colour 7/33 and 3/33 times, chance is 1/7, after 384 steps of 8 and 600 steps of 2,
+# question before or after Figure 16's instructions): one colour token among ~400 context
+# tokens gives attention almost no gradient at first. So the zoom world asks in ~30 tokens,
+# the question last; the tool-call format is learned from the gold turns. The observations
+# after a tool call stay SPEC 4's.
+ZW_SYSTEM = "You are a helpful assistant. You can zoom in on image regions with the tool."
+ZW_INSTRUCTIONS = "Think first, then zoom in with <tool> or answer with <answer>."
+
+
+def zoom_world_user(n_images, display, question):
+    """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the image
+    index and size lines of Figure 16, a one-line instruction, then the question."""
+    text = "".join(f"<image>The index of the provided image is {i}.\n" for i in range(n_images))
+    text += f"These are {n_images} images with indexed from 0 to {n_images - 1}.\n" if n_images > 1 else ""
+    return text + size_line([display] * n_images) + ZW_INSTRUCTIONS + "\nQuestion: " + question
 
 
 ZW_COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),
@@ -1042,6 +1086,10 @@ ZW_TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is"
     "t_largest": "The largest card is {place} of the image, and it is {color}. That is clear without zooming in.",
     "t_cards": "All cards are clearly visible without zooming in: there are {value} of them.",
     "t_option": " That is option {letter}.",
+    "t_guess": "The question is about the {color} card, which is {place} of image {index}. Its {mark} too small to "
+               "{verb} at this resolution, and no zoom-in tool is available, so I can only guess.",
+    "t_guess_multi": "I need the {color} card in each of the {n} images: it is {places}. Their {marks} are too small "
+                     "to {verb} here, and no zoom-in tool is available, so I can only guess.",
 }
 _ZW_KIND = {"dots": dict(mark="dots are", marks="dots", verb="count"),
             "digit": dict(mark="digit is", marks="digits", verb="read")}
@@ -1069,7 +1117,17 @@ def _zw_geometry(cfg):
     r = OW // Wd
     if OW != r * Wd or OH != r * Hd or r < 2 or r % 2:
         raise ValueError(f"zoom world: canvas {OW}x{OH} displays at {Wd}x{Hd} under max_pixels="
-                         f"{cfg.display_max_pixels}; need an exact even scale-down (e.g. 448x448 -> 224x224)")
+                         f"{cfg.display_max_pixels}; need an exact even scale-down (e.g. 336x336 -> 168x168)")
+    cols, rows = cfg.grid
+    if not {cols, rows} <= {2, 3} or (cfg.share_crop_of_crop > 0 and (cols, rows) != (3, 3)):
+        raise ValueError(f"zoom world: grid {cfg.grid}: 2 or 3 cells a side, 3x3 for crop-of-crop samples")
+    if Wd % cols or Hd % rows:
+        raise ValueError(f"zoom world: the {Wd}x{Hd} display does not split into a {cols}x{rows} grid of whole pixels")
+    for big in (False, True):
+        w, h = _zw_card_dims(cfg, r, big)
+        if w + 2 * cfg.cell_margin > OW // cols or h + 2 * cfg.cell_margin > OH // rows:
+            raise ValueError(f"zoom world: a {w}x{h} card plus cell_margin does not fit a cell of "
+                             f"{OW // cols}x{OH // rows}")
     for name in ("dot_size", "digit_cell"):
         if getattr(cfg, name) % r:
             raise ValueError(f"zoom world: {name}={getattr(cfg, name)} must be a multiple of r={r}")
@@ -1077,15 +1135,17 @@ def _zw_geometry(cfg):
         raise ValueError(f"zoom world: ink_levels {cfg.ink_levels} need an integer mean")
     if cfg.dot_count[1] > cfg.dot_grid[0] * cfg.dot_grid[1]:
         raise ValueError(f"zoom world: dot_count {cfg.dot_count} exceeds the {cfg.dot_grid} dot positions")
-    if cfg.n_cards[1] > len(ZW_COLORS):
-        raise ValueError(f"zoom world: at most {len(ZW_COLORS)} cards per image (one per colour)")
+    if cfg.n_cards[1] > min(len(ZW_COLORS), cols * rows):
+        raise ValueError(f"zoom world: at most {min(len(ZW_COLORS), cols * rows)} cards per image "
+                         f"(one per colour and per cell)")
     return Wd, Hd, r
 
 
-def _zw_place(box, size):
-    """The place phrase of a box (x1, y1, x2, y2) in an image of `size`: its centre's third."""
-    cx, cy = (box[0] + box[2]) / 2 / size[0], (box[1] + box[3]) / 2 / size[1]
-    return ZW_PLACES[min(2, int(cy * 3)) * 3 + min(2, int(cx * 3))]
+def _zw_place(cfg, box):
+    """The place phrase of the grid cell holding a card box: a 3x3 grid has all nine phrases,
+    a 2x2 grid the four corners."""
+    (c, r), (cols, rows) = _zw_cell(cfg, box), cfg.grid
+    return ZW_PLACES[r * 2 // (rows - 1) * 3 + c * 2 // (cols - 1)]
 
 
 def _zw_card_dims(cfg, r, big):
@@ -1095,21 +1155,31 @@ def _zw_card_dims(cfg, r, big):
     return int(math.ceil(w / r) * r), int(math.ceil(h / r) * r)
 
 
+def _zw_cell(cfg, box):
+    """(column, row) of the grid cell holding a card box (original px)."""
+    cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
+    return int((box[0] + box[2]) / 2 // cw), int((box[1] + box[3]) / 2 // ch)
+
+
+def _zw_cells_bbox(cfg, geom, c1, c2=None):
+    """The display bbox [x1, y1, x2, y2] of the grid cells from (col, row) c1 to c2 (inclusive)."""
+    Wd, Hd, _ = geom
+    cw, ch = Wd // cfg.grid[0], Hd // cfg.grid[1]
+    c2 = c1 if c2 is None else c2
+    return [c1[0] * cw, c1[1] * ch, (c2[0] + 1) * cw, (c2[1] + 1) * ch]
+
+
 def _zw_layout(rng, cfg, r, dims):
-    """Top-left corners (multiples of r) for cards of the given dims, not overlapping; None if no fit."""
-    OW, OH = cfg.canvas_size
-    placed = []
-    for w, h in dims:
-        for _ in range(200):
-            x = int(rng.integers(cfg.edge_margin // r, (OW - w - cfg.edge_margin) // r + 1)) * r
-            y = int(rng.integers(cfg.edge_margin // r, (OH - h - cfg.edge_margin) // r + 1)) * r
-            g = cfg.card_gap
-            if all(x + w + g <= a or a + c + g <= x or y + h + g <= b or b + d + g <= y for a, b, c, d in placed):
-                placed.append((x, y, w, h))
-                break
-        else:
-            return None
-    return [(x, y, x + w, y + h) for x, y, w, h in placed]
+    """Card boxes (x1, y1, x2, y2) for the given dims: distinct random cells, a random spot
+    (multiples of r) inside each, at least cell_margin from the cell's edges."""
+    cols, rows = cfg.grid
+    cw, ch = cfg.canvas_size[0] // cols, cfg.canvas_size[1] // rows
+    boxes = []
+    for k, (w, h) in zip(rng.permutation(cols * rows)[:len(dims)], dims):
+        x = (k % cols) * cw + int(rng.integers(cfg.cell_margin // r, (cw - w - cfg.cell_margin) // r + 1)) * r
+        y = (k // cols) * ch + int(rng.integers(cfg.cell_margin // r, (ch - h - cfg.cell_margin) // r + 1)) * r
+        boxes.append((x, y, x + w, y + h))
+    return boxes
 
 
 def _zw_mark_mask(cfg, r, kind, value, slots, label):
@@ -1198,30 +1268,10 @@ def _zw_scene(rng, cfg, r, kind, colors_needed, values, big=None):
         if kind == "dots":
             card["slots"] = sorted(int(s) for s in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:v])
         cards.append(card)
-    for _ in range(20):
-        boxes = _zw_layout(rng, cfg, r, [_zw_card_dims(cfg, r, c["big"]) for c in cards])
-        if boxes is not None:
-            break
-    else:
-        raise ValueError("zoom world: cannot place the cards; use a larger canvas or fewer/smaller cards")
-    for card, box in zip(cards, boxes):  # positions are random already
+    boxes = _zw_layout(rng, cfg, r, [_zw_card_dims(cfg, r, c["big"]) for c in cards])
+    for card, box in zip(cards, boxes):  # cells are random already
         card["box"] = box
     return cards
-
-
-def _zw_bbox(rng, box, size, margin, snap):
-    """An integer bbox [x1, y1, x2, y2] inside `size` = (W, H) covering the float `box` with at
-    least `margin` on each side where the image allows; sides rounded up to multiples of `snap`."""
-    out = []
-    for lo, hi, S in ((box[0], box[2], size[0]), (box[1], box[3], size[1])):
-        w = min(S, int(math.ceil((hi - lo + 2 * margin) / snap) * snap + snap * int(rng.integers(2))))
-        a, b = max(0, math.ceil(hi + margin - w)), min(S - w, math.floor(lo - margin))
-        if a > b:  # no room for the margin: centre it, clamped
-            a = b = min(S - w, max(0, round((lo + hi) / 2 - w / 2)))
-        out.append(int(rng.integers(a, b + 1)))
-        out.append(w)
-    x, w, y, h = out
-    return [x, y, x + w, y + h]
 
 
 def _zw_crop_display(orig_size, parent_region, parent_display, bbox, budget):
@@ -1252,13 +1302,13 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
     """One record and its images (name_j.png) from a spec (category, mc, crop_of_crop)."""
     Wd, Hd, r = geom
     OW, OH = cfg.canvas_size
-    category, mc, zoom2 = spec
+    category, mc, zoom2, direct = spec
+    zoom2 = zoom2 and not direct
     kind = str(cfg.mark_kinds[int(rng.integers(len(cfg.mark_kinds)))])
     color = list(ZW_COLORS)[int(rng.integers(len(ZW_COLORS)))]
     words = dict(_ZW_KIND[kind], color=color)
     pool = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
     norm = lambda b: [b[0] / OW, b[1] / OH, b[2] / OW, b[3] / OH]  # noqa: E731
-    disp = lambda b: (b[0] / r, b[1] / r, b[2] / r, b[3] / r)  # noqa: E731
     steps, options = [], None
     if category == "multi":
         n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
@@ -1285,7 +1335,7 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
             picks = [picks[i] for i in rng.permutation(4)]
             options = [f"{chr(65 + i)}. {c}" for i, c in enumerate(picks)]
             answer, question = chr(65 + picks.index(color)), ZW_TEXT["q_largest"]
-            think = ZW_TEXT["t_largest"].format(place=_zw_place(targets[0]["box"], (OW, OH)), color=color)
+            think = ZW_TEXT["t_largest"].format(place=_zw_place(cfg, targets[0]["box"]), color=color)
             think += ZW_TEXT["t_option"].format(letter=answer)
             task = "largest-color"
         else:
@@ -1294,24 +1344,23 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
         steps.append({"think": think, "answer": answer})
     elif category == "single":
         t = targets[0]
-        box = disp(t["box"])
-        if zoom2:  # an area around the card first, then the card inside that crop
-            cw, ch = box[2] - box[0], box[3] - box[1]
-            area = (box[0] - cw * rng.uniform(0.5, 1.2), box[1] - ch * rng.uniform(0.5, 1.2),
-                    box[2] + cw * rng.uniform(0.5, 1.2), box[3] + ch * rng.uniform(0.5, 1.2))
-            area = (max(0, area[0]), max(0, area[1]), min(Wd, area[2]), min(Hd, area[3]))
-            b1 = _zw_bbox(rng, area, (Wd, Hd), 0, PATCH)
+        cell = _zw_cell(cfg, t["box"])
+        if zoom2:  # a block of 2x2 cells holding the card's cell first, then that cell inside the crop
+            c1 = tuple(min(max(0, c - int(rng.integers(2))), n - 2) for c, n in zip(cell, cfg.grid))
+            b1 = _zw_cells_bbox(cfg, geom, c1, (c1[0] + 1, c1[1] + 1))
             region1, display1 = _zw_crop_display((OW, OH), (0, 0, 1, 1), (Wd, Hd), b1, budget)
-            b2 = _zw_bbox(rng, _zw_in(norm(t["box"]), region1, display1), display1, 2 * cfg.bbox_margin, PATCH)
-            steps.append({"think": ZW_TEXT["t_find"].format(place=_zw_place(t["box"], (OW, OH)), index=0, **words),
+            cell_box = _zw_cells_bbox(cfg, geom, cell)
+            b2 = [round(v) for v in _zw_in([cell_box[0] / Wd, cell_box[1] / Hd, cell_box[2] / Wd, cell_box[3] / Hd],
+                                           region1, display1)]
+            steps.append({"think": ZW_TEXT["t_find"].format(place=_zw_place(cfg, t["box"]), index=0, **words),
                           "tool": {"region": [{"index": 0, "bbox_2d": b1}],
                                    "query": ZW_TEXT["query_find"].format(**words)}})
             steps.append({"think": ZW_TEXT["t_refine"].format(k=1, **words),
                           "tool": {"region": [{"index": 1, "bbox_2d": b2}],
                                    "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
         else:
-            b = _zw_bbox(rng, box, (Wd, Hd), cfg.bbox_margin, PATCH)
-            steps.append({"think": ZW_TEXT["t_zoom"].format(place=_zw_place(t["box"], (OW, OH)), index=0, **words),
+            b = _zw_cells_bbox(cfg, geom, cell)
+            steps.append({"think": ZW_TEXT["t_zoom"].format(place=_zw_place(cfg, t["box"]), index=0, **words),
                           "tool": {"region": [{"index": 0, "bbox_2d": b}],
                                    "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
         k = len(steps)  # the last crop's index
@@ -1325,9 +1374,9 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
         task = ("count-dots" if kind == "dots" else "read-digit") + ("-zoom2" if zoom2 else "")
     else:
         n_img = len(scenes)
-        regions = [{"index": i, "bbox_2d": _zw_bbox(rng, disp(t["box"]), (Wd, Hd), cfg.bbox_margin, PATCH)}
+        regions = [{"index": i, "bbox_2d": _zw_cells_bbox(cfg, geom, _zw_cell(cfg, t["box"]))}
                    for i, t in enumerate(targets)]
-        places = ", ".join(ZW_TEXT["t_place"].format(place=_zw_place(t["box"], (OW, OH)), index=i)
+        places = ", ".join(ZW_TEXT["t_place"].format(place=_zw_place(cfg, t["box"]), index=i)
                            for i, t in enumerate(targets))
         steps.append({"think": ZW_TEXT["t_multi"].format(n=n_img, places=places, **words),
                       "tool": {"region": regions, "query": ZW_TEXT[f"query_multi_{kind}"].format(**words)}})
@@ -1350,6 +1399,12 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
             think += " " + ZW_TEXT["t_total"].format(expr=" + ".join(str(t["value"]) for t in targets), value=total)
             task = "total"
         steps.append({"think": think, "answer": answer})
+    if direct and category != "text-only":  # no tool: the same question, answered with a guess
+        if category == "single":
+            think = ZW_TEXT["t_guess"].format(place=_zw_place(cfg, targets[0]["box"]), index=0, **words)
+        else:
+            think = ZW_TEXT["t_guess_multi"].format(n=len(scenes), places=places, **words)
+        steps = [{"think": think + (ZW_TEXT["t_option"].format(letter=answer) if mc else ""), "answer": answer}]
 
     paths = [f"images/{name}_{j}.png" for j in range(len(images))]
     rec = {"id": name, "images": paths, "question": question, "options": options,
@@ -1358,12 +1413,16 @@ def _zw_sample(rng, cfg, geom, budget, spec, name):
            "category": category, "task": task, "mark": kind, "target_boxes": target_boxes, "steps": steps,
            "scene": [[{"color": c["color"], "box": norm(c["box"]), "value": c["value"]} for c in cards]
                      for cards in scenes]}  # the mined knowledge: every card of every image
+    if direct:
+        rec.update(mode="direct", max_tool_calls=0)
+    else:
+        rec.update(system=ZW_SYSTEM, prompt=zoom_world_user(len(images), (Wd, Hd), format_question(question, options)))
     return rec, images
 
 
-def _zw_specs(rng, cfg, n):
-    """(category, multiple choice?, crop of crop?) for n samples, the shares met as closely as
-    n allows, in random order."""
+def _zw_specs(rng, cfg, n, share_direct=0.0):
+    """(category, multiple choice?, crop of crop?, direct?) for n samples, the shares met as
+    closely as n allows, in random order."""
     n_text = round(cfg.share_text_only * n)
     n_multi = round(cfg.share_multi * (n - n_text))
     n_single = n - n_text - n_multi
@@ -1374,7 +1433,8 @@ def _zw_specs(rng, cfg, n):
         mcs = [k < n_mc for k in range(m)]
         mcs = [mcs[i] for i in rng.permutation(m)]  # independent of the crop-of-crop flag
         specs += [(cat, bool(mcs[k]), cat == "single" and k < n_zoom2) for k in range(m)]
-    return [specs[i] for i in rng.permutation(n)]
+    direct = rng.permutation(n) < round(share_direct * n)  # any category
+    return [specs[i] + (bool(d),) for i, d in zip(rng.permutation(n), direct)]
 
 
 def zoom_world_budget(cfg=ZoomWorldConfig()):
@@ -1396,7 +1456,9 @@ def make_zoom_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), see
     ("single", "multi", "text-only"), `task`, `mark` ("dots"/"digit"), `target_boxes` (per
     original image the target card's box normalised to the original, null where there is
     none), `scene` (every card: colour, normalised box, mark value) and `max_pixels` (the
-    display budget of its originals). meta.json holds the Budget (read_budget), the config
+    display budget of its originals); chat records carry their `system` prompt and user turn
+    (`prompt`), and a share_direct of the train split is `"mode": "direct"`. meta.json holds
+    the Budget (read_budget), the config
     and the counts per task. Image paths in the records are relative to out_dir (the image root).
     Deterministic for a seed (None: cfg.seed); sample i of a split does not depend on how many
     samples are made. Returns {"train", "eval", "meta", "image_root", "budget"}."""
@@ -1407,7 +1469,7 @@ def make_zoom_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), see
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     paths, counts = {}, {}
     for split_id, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
-        specs = _zw_specs(np.random.default_rng([seed, split_id]), cfg, n)
+        specs = _zw_specs(np.random.default_rng([seed, split_id]), cfg, n, cfg.share_direct if split == "train" else 0)
         paths[split] = os.path.join(out_dir, f"{split}.jsonl")
         counts[split] = {}
         with open(paths[split], "w") as f:
@@ -1424,3 +1486,56 @@ def make_zoom_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), see
     with open(paths["meta"], "w") as f:
         json.dump(meta, f, indent=1)
     return dict(paths, image_root=out_dir, budget=budget)
+
+
+# -----------------------------------------------------------------------------
+# CLI: show one record as the model sees it
+
+
+def show_record(path, index, image_root, ct, out_dir, budget=None):
+    """Render record `index` of a JSONL file like SFT does and write out_dir/trajectory.txt (the
+    token sequence as text, image-pad runs shortened to one marker with their count) and
+    out_dir/image_K.png for every image K of the trajectory at the size the encoder gets it
+    (originals at their display size, crops cut by the crop rule). Returns the text."""
+    rows, _ = read_jsonl(path, image_root=image_root, need_steps=True, need_answer=False)
+    where, rec = rows[index]
+    budget = budget or (read_budget(image_root) if os.path.exists(os.path.join(image_root, "meta.json")) else Budget())
+    s = render_sample(rec, where, image_root, ct, budget)
+    ctx = s["context"]
+    os.makedirs(out_dir, exist_ok=True)
+    lines = []
+    for k, v in enumerate(ctx.views):
+        if v.parent is None:
+            img = ctx.originals[v.source]
+        else:
+            parent = ctx.views[v.parent]
+            img, _ = crop_image(ctx.originals[v.source], parent.region, parent.display, v.bbox)
+        img.resize(v.display, Image.Resampling.BICUBIC).save(os.path.join(out_dir, f"image_{k}.png"))
+        what = "original" if v.parent is None else f"crop of image {v.parent}, bbox_2d {v.bbox}"
+        lines.append(f"image_{k}.png: {what}; {v.display[0]}x{v.display[1]} px, {v.n_tokens} visual tokens, "
+                     f"encoder group {v.group}, inquiry {ctx.queries[v.group]!r}")
+    text = re.sub(r"(<\|image_pad\|>)+", lambda m: f"<|image_pad|>x{len(m.group(0)) // len('<|image_pad|>')}",
+                  s["text"])
+    n_train = int((s["labels"] != -100).sum())
+    with open(os.path.join(out_dir, "trajectory.txt"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "images.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return text, lines, len(s["input_ids"]), n_train
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Show one trajectory record as the model sees it (text + images)")
+    ap.add_argument("records", help="a JSONL file of our schema, e.g. out/zoom/train.jsonl")
+    ap.add_argument("--index", type=int, default=0, help="which record (0-based, default 0)")
+    ap.add_argument("--image-root", help="default: the records' folder")
+    ap.add_argument("--model", default="out/tiny-base", help="model folder whose tokenizers render the text")
+    ap.add_argument("--out", default="out/example", help="folder for trajectory.txt, images.txt, image_K.png")
+    a = ap.parse_args()
+    root = a.image_root or os.path.dirname(os.path.abspath(a.records))
+    qdir = os.path.join(a.model, "query_tokenizer")
+    ct = ChatTokenizer(*load_tokenizers(a.model, need_query=os.path.isdir(qdir)))
+    text, lines, n, n_train = show_record(a.records, a.index, root, ct, a.out)
+    print(text + "\n\n" + "\n".join(lines) + f"\n\n{n} tokens, {n_train} trained (the assistant's); "
+          f"written to {a.out}/")

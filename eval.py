@@ -3,10 +3,11 @@ Evaluation of ViLaVT (paper section 4, SPEC 8-9): benchmark runs and scores, the
 sweep (paper Table 3 / Figure 4) and vision-encoder attention maps (section 4.5.2, Figs 5/14).
 
     python eval.py --model out/grpo/latest --bench ../shared/benchmarks/HRBench4K.json --image-root data/bench
-    torchrun --nproc-per-node 8 eval.py --model ... --bench ... --image-root ... --out out/eval/hrbench4k.jsonl
+    torchrun --nproc_per_node 8 eval.py --model ... --bench ... --image-root ... --out out/eval/hrbench4k.jsonl
     python eval.py --score out/eval/hrbench4k.jsonl --bench ../shared/benchmarks/HRBench4K.json
     python eval.py --model ... --bench .../HRBench4K.json --image-root ... --sweep 1024,2048,4096,8192
     python eval.py --attn-map --model ... --image photo.jpg --query "the text on the blue sign" --out map.png
+    python eval.py                     # CPU demo: the results table of the zoom-world pipeline (README)
 
 Benchmarks: the authors' JSON lists (../shared/benchmarks/) or our own JSONL records (e.g. the
 zoom world of data.py, `--bench out/zoom/eval.jsonl`); the format is told by the extension.
@@ -66,7 +67,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import rollout
-from reward import extract_answer, mc_letter, mra_vsibench, parse_turn, to_number
+from reward import extract_answer, format_ok, mc_letter, mra_vsibench, parse_turn, to_number
 
 # -----------------------------------------------------------------------------
 # benchmarks: names, paper numbers, tool limits, aggregation
@@ -101,11 +102,7 @@ CATEGORY_FIELDS = ("category", "cycle_category", "task", "original_question_type
 SUFFIX = {"mc": "\nAnswer with the option's letter from the given choices directly.",
           "num": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
 
-PLAIN_SYSTEM = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
-# direct mode: the chat prompt's answer format and answer-form rules, nothing about tools or boxes
-DIRECT_INSTRUCTIONS = ("Answer from the image(s) as given: no zoom-in tool is available. Think it through first, "
-                       "then give your final answer in this format:\n" + data.ANSWER_FORMAT + "\n"
-                       + "\n".join(r for r in data.ANSWER_RULES.splitlines() if "bounding box" not in r))
+PLAIN_SYSTEM, DIRECT_INSTRUCTIONS = data.PLAIN_SYSTEM, data.DIRECT_INSTRUCTIONS  # the direct / plain prompts
 MODES = ("chat", "direct", "plain")
 
 
@@ -265,8 +262,10 @@ def question_text(q):
 
 def make_prompt(q, images, mode, t_max, max_pixels=None):
     text = question_text(q)
-    if mode == "chat":
-        return rollout.Prompt(images, text, max_tool_calls=t_max, max_pixels=max_pixels)
+    if mode == "chat":  # a record's own system prompt and user turn (our JSONL schema; e.g. the zoom world's)
+        meta = q["meta"] if isinstance(q["meta"], dict) else {}
+        return rollout.Prompt(images, text, max_tool_calls=t_max, max_pixels=max_pixels, system=meta.get("system"),
+                              user=meta.get("prompt"))
     if mode == "direct":
         return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=PLAIN_SYSTEM,
                               instructions=DIRECT_INSTRUCTIONS)
@@ -485,9 +484,11 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
     own = out if world == 1 else "{0}.rank{2}{1}".format(*os.path.splitext(out), rank)
     done, _ = read_results(results_files(out))
     for line in done.values():  # one file = one setting; mixing would make the scores meaningless
-        if line.get("mode", "chat") != mode or line.get("max_visual_tokens", tokens) != tokens:
+        if (line.get("mode", "chat"), line.get("max_visual_tokens", tokens), line.get("inquiry", True)) != \
+                (mode, tokens, not args.no_inquiry):
             raise SystemExit(f"{out} holds results of mode {line.get('mode')!r}, {line.get('max_visual_tokens')} "
-                             f"visual tokens; this run is mode {mode!r}, {tokens}: pass another --out")
+                             f"visual tokens, inquiry {line.get('inquiry', True)}; this run is mode {mode!r}, "
+                             f"{tokens}, inquiry {not args.no_inquiry}: pass another --out")
     todo = [(i, q) for i, q in enumerate(questions) if i % world == rank
             and (str(q["qid"]) not in done or done[str(q["qid"])].get("error") is not None)]
     print(f"[rank {rank}] {name} ({mode}, {tokens} visual tokens): {len(todo)} to do, "
@@ -495,6 +496,8 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
     limits = rollout.Limits(max_tool_calls=5, max_images=args.max_images, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
     common = dict(mode=mode, max_visual_tokens=tokens, model=os.path.abspath(args.model) if args.model else None)
+    if args.no_inquiry:
+        common["inquiry"] = False
     writer = ResultsWriter(own)
     try:
         for start in range(0, len(todo), args.batch_size):
@@ -542,7 +545,8 @@ def _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank):
                                 seed=args.seed + ready[0][0])  # the seed follows the question, not the batch
     t0 = time.time()
     try:
-        trajs = rollout.rollout(model, ct, [p for _, _, p, _ in ready], 1, sampling, limits, budget)
+        trajs = rollout.rollout(model, ct, [p for _, _, p, _ in ready], 1, sampling, limits, budget,
+                                inquiry=not args.no_inquiry)
     except Exception as e:  # noqa: BLE001: recorded per question, never fatal
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -866,6 +870,111 @@ def cmd_run(args):
         sweep_report(name, summaries, stem, os.path.basename(os.path.normpath(args.model)))
     return summaries
 
+# -----------------------------------------------------------------------------
+# the CPU demo (README "The demo"): a miniature of the paper's Table 2 on the zoom world
+
+# name, pipeline stage (sft.demo_dir), vanilla-encoder pipeline?, mode, inquiry at re-encoding
+DEMO_ROWS = (("direct", "sft", False, "direct", True),  # the SFT model answering directly (no tools)
+             ("chat", "sft", False, "chat", True),  # the SFT model chatting with images
+             ("grpo", "grpo", False, "chat", True),  # after GRPO
+             ("vanilla", "grpo", True, "chat", True),  # the same SFT + GRPO with the vanilla encoder
+             ("no_inquiry", "grpo", False, "chat", False))  # after GRPO, the query blanked at re-encoding
+DEMO_COLUMNS = (("accuracy", "Acc (MC)"), ("mra", "MRA (num.)"), ("score", "All"), ("format_rate", "Format"),
+                ("tool_calls", "Tools/q"), ("box_hit_rate", "Box hit"), ("accuracy_multi_image", "Acc multi-img"))
+
+
+def covers(region, box, eps=1e-6):
+    """A normalised region (x1, y1, x2, y2) holds all of box."""
+    return (region[0] <= box[0] + eps and region[1] <= box[1] + eps and region[2] >= box[2] - eps
+            and region[3] >= box[3] - eps)
+
+
+def demo_metrics(questions, lines):
+    """The demo table's columns of one run, from its results lines and the zoom world's records
+    (q["meta"]: category, target_boxes). In percent: accuracy (MC questions), mra (numerical
+    questions, the benchmark MRA), score (all questions), format_rate (R_format, SPEC 5),
+    box_hit_rate (boxes of valid tool calls whose crop holds its image's target card; boxes on
+    images without a target are not counted) and accuracy_multi_image (multi-image questions
+    answered exactly right, MC or numerical). tool_calls: tool calls per question, valid or not.
+    A failed question scores 0, has no valid format and no tool calls."""
+    mc, num, fmt, calls, multi, boxes = [], [], [], [], [], []
+    for q in questions:
+        line = lines[str(q["qid"])]
+        ok = line.get("error") is None
+        s = score_answer(final_answer(line["response"], line["mode"]), q)[0] if ok else 0.0
+        (mc if q["kind"] == "mc" else num).append(s)
+        if q["meta"].get("category") == "multi":
+            multi.append(s == 1.0)
+        if not ok:
+            fmt.append(False), calls.append(0)
+            continue
+        sizes = [tuple(x) for x in line["image_sizes"]] + [tuple(c["size"]) for c in line["crops"]]
+        fmt.append(format_ok(line["turns"], sizes)[0])
+        calls.append(line["n_tool_calls"])
+        sources = list(range(len(line["image_sizes"])))  # the original each image is cut from
+        for c in line["crops"]:
+            sources.append(sources[c["index"]])
+            target = q["meta"]["target_boxes"][sources[-1]]
+            if target is not None:
+                boxes.append(covers(c["region"], target))
+    pct = lambda v: 100 * statistics.fmean(v) if v else None  # noqa: E731
+    return dict(n=len(questions), accuracy=pct(mc), mra=pct(num), score=pct(mc + num), format_rate=pct(fmt),
+                tool_calls=statistics.fmean(calls), box_hit_rate=pct(boxes), accuracy_multi_image=pct(multi),
+                n_boxes=len(boxes), n_multi_image=len(multi))
+
+
+def demo_table(rows):
+    head = "| Row | " + " | ".join(t for _, t in DEMO_COLUMNS) + " | Questions |"
+    out = [head, "|" + "---|" * (len(DEMO_COLUMNS) + 2)]
+    for r in rows:
+        cells = [f"{r[k]:.2f}" if k == "tool_calls" else _fmt(r[k]) for k, _ in DEMO_COLUMNS]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n']} |")
+    return "\n".join(out) + "\n"
+
+
+def cmd_demo(args):
+    """`python eval.py` (no --model, no --bench): every row of DEMO_ROWS on the zoom world's
+    held-out split -> out/demo/<row>.jsonl, results.json (a list of rows: name + the columns of
+    demo_metrics + what was run) and results.md. A row's results file older than its checkpoint
+    is stale (a re-trained stage) and is redone; a newer one is resumed."""
+    from sft import demo_dir, latest_checkpoint
+    zoom = demo_dir("zoom", args.smoke)
+    bench = os.path.join(zoom, "eval.jsonl")
+    if not os.path.exists(bench):
+        raise SystemExit(f"{bench} not found: run the demo's `python sft.py` first (README, The demo)")
+    out_dir = demo_dir("demo", args.smoke)
+    args.image_root = zoom
+    questions = load_bench(bench, args.max_frames)
+    if args.limit is not None:
+        questions = questions[:args.limit]
+    budget = make_budget(bench, args.max_visual_tokens)
+    # Greedy decoding, unlike the paper's benchmark runs (T 0.75, top-p 0.9): a model of a few
+    # million parameters trained for minutes is brittle under sampling (a stray digit breaks a
+    # box), and greedy makes the table reproducible to the digit.
+    args.greedy = True
+    rows = []
+    for name, stage, vanilla, mode, inquiry in DEMO_ROWS:
+        ckpt = latest_checkpoint(demo_dir(stage, args.smoke, vanilla))
+        if ckpt is None:
+            flags = " --vanilla" * vanilla + " --smoke" * args.smoke
+            raise SystemExit(f"row {name}: no checkpoint in {demo_dir(stage, args.smoke, vanilla)}: "
+                             f"run `python {stage}.py{flags}` first")
+        out = os.path.join(out_dir, f"{name}.jsonl")
+        if os.path.exists(out) and os.path.getmtime(out) < os.path.getmtime(os.path.join(ckpt, "config.json")):
+            os.remove(out)
+        args.model, args.no_inquiry = ckpt, not inquiry
+        model, ct = load_model(args)
+        run_bench(args, model, ct, questions, bench_name(bench), out, mode, args.max_visual_tokens, 0, 1, budget)
+        lines, _ = read_results(results_files(out))
+        rows.append(dict(name=name, **demo_metrics(questions, lines), checkpoint=os.path.abspath(ckpt), mode=mode,
+                         inquiry=inquiry, decoding="greedy"))
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(rows, indent=1) + "\n")
+    md = demo_table(rows)
+    write_atomic(os.path.join(out_dir, "results.md"), md)
+    print("\n" + md + f"\nwrote {os.path.join(out_dir, 'results.json')}")
+    return rows
+
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -882,16 +991,18 @@ def build_parser():
                    help="total visual-token budget of a question's images (paper: 8192)")
     p.add_argument("--sweep", help="comma list of --max-visual-tokens values (paper Table 3: 1024,2048,4096,8192)")
     p.add_argument("--max-frames", type=int, default=32, help="video records: frames sampled uniformly")
+    p.add_argument("--no-inquiry", action="store_true", help="the paper's 'w/o inquiry' ablation: crops re-encoded "
+                                                             "jointly but without the tool call's query")
     # sampling (paper App. C: top-p 0.9, T 0.75)
     p.add_argument("--temperature", type=float, default=0.75)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--seed", type=int, default=0)
     # limits
-    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together per rank")
-    p.add_argument("--max-turn-tokens", type=int, default=1024, help="generated tokens per assistant turn")
-    p.add_argument("--max-new-tokens", type=int, default=8192, help="generated tokens per question")
-    p.add_argument("--max-context", type=int, default=32768, help="KV-cache slots per question")
+    p.add_argument("--batch-size", type=int, help="questions decoded together per rank (default 8; demo 16)")
+    p.add_argument("--max-turn-tokens", type=int, help="generated tokens per assistant turn (default 1024; demo 256)")
+    p.add_argument("--max-new-tokens", type=int, help="generated tokens per question (default 8192; demo 768)")
+    p.add_argument("--max-context", type=int, help="KV-cache slots per question (default 32768; demo 4096)")
     p.add_argument("--max-images", type=int, default=52, help="visual inputs per trajectory (paper: 52)")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
@@ -900,13 +1011,30 @@ def build_parser():
     p.add_argument("--attn-map", action="store_true", help="draw the last vision layer's attention (needs --image)")
     p.add_argument("--image", help="--attn-map: the image")
     p.add_argument("--query", default="", help="--attn-map: the inquiry")
+    p.add_argument("--smoke", action="store_true", help="the demo (no --model/--bench) on its --smoke pipeline, "
+                                                        "short answers (CI)")
     return p
+
+
+# limits of a benchmark run (7B, paper scale), of the CPU demo, and of its --smoke variant
+RUN_DEFAULTS = dict(batch_size=8, max_turn_tokens=1024, max_new_tokens=8192, max_context=32768)
+DEMO_DEFAULTS = dict(batch_size=16, max_turn_tokens=256, max_new_tokens=768, max_context=4096)
+SMOKE_DEFAULTS = dict(batch_size=8, max_turn_tokens=32, max_new_tokens=64, max_context=4096)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    demo = not (args.score or args.model or args.bench or args.attn_map)
+    if args.smoke and not demo:
+        raise SystemExit("--smoke is a demo flag: it goes without --model, --bench, --score, --attn-map")
+    for k, v in (SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS if demo else RUN_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.score:
         return cmd_score(args)
+    if demo:
+        with torch.no_grad():
+            return cmd_demo(args)
     if not args.model:
         raise SystemExit("--model is required (except with --score)")
     if args.attn_map and not args.image:

@@ -33,8 +33,8 @@ import data
 import reward
 import rollout
 from model import config_to_hf
-from sft import (build_model, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0, resolve_checkpoint,
-                 restore, resume_meta, save, warn)
+from sft import (build_model, demo_dir, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0,
+                 resolve_checkpoint, restore, resume_meta, save, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -100,8 +100,12 @@ def load_prompts(path, image_root, skip_bad):
 
 def make_prompt(where, rec, image_root, budget):
     imgs = data.load_originals(rec, where, image_root, budget.max_frames)
-    return rollout.Prompt(imgs, data.format_question(rec["question"], rec.get("options")),
-                          rec.get("max_tool_calls"), rec.get("max_pixels"))
+    question = data.format_question(rec["question"], rec.get("options"))
+    if rec.get("mode") == "direct":  # a no-tool record: its own prompt (data.render_sample), no tool calls
+        return rollout.Prompt(imgs, question, 0, rec.get("max_pixels"), system=data.PLAIN_SYSTEM,
+                              instructions=data.DIRECT_INSTRUCTIONS)
+    return rollout.Prompt(imgs, question, rec.get("max_tool_calls"), rec.get("max_pixels"), system=rec.get("system"),
+                          user=rec.get("prompt"))  # a record's own prompts (e.g. the zoom world's), if it has them
 
 
 def score(traj, rec):
@@ -210,18 +214,18 @@ def parse_args(argv=None):
     a("--data", default=None, help="RL prompts JSONL (native schema with answer/problem_type); "
                                    "default: out/zoom/train.jsonl")
     a("--image-root", default=None, help="folder of the records' image paths; default: --data's folder")
-    a("--out-dir", default="out/grpo")
+    a("--out-dir", default=None, help="default: out/grpo (the demo: see --vanilla, --smoke)")
     a("--resume", action="store_true", help="continue out_dir/latest exactly")
     a("--skip-bad", action="store_true")
     a("--plot", default=None, metavar="LOG", help="only draw the training curves of LOG (a log.jsonl) to a PNG")
     # the rollout batch (paper: 96 prompts x 4)
-    a("--steps", type=int, default=None, help="policy steps (release: 1200; tiny demo: 40)")
+    a("--steps", type=int, default=None, help="policy steps (release: 1200; tiny demo: 30)")
     a("--stop-at-step", type=int, default=-1, help="stop after this step as if killed (schedule unchanged)")
     a("--prompts-per-step", type=int, default=None, help="prompts per step over all ranks (paper 96; tiny: 8)")
-    a("--group-size", type=int, default=4, help="G rollouts per prompt (paper 4)")
+    a("--group-size", type=int, default=None, help="G rollouts per prompt (paper 4; the demo too)")
     a("--max-tool-calls", type=int, default=5, help="T_max for records without max_tool_calls (5 general, 10 spatial)")
-    a("--max-turn-tokens", type=int, default=None, help="policy tokens per turn (7B 1024; tiny 96)")
-    a("--max-new-tokens", type=int, default=None, help="policy tokens per trajectory (7B 4096; tiny 384)")
+    a("--max-turn-tokens", type=int, default=None, help="policy tokens per turn (7B 1024; tiny 256)")
+    a("--max-new-tokens", type=int, default=None, help="policy tokens per trajectory (7B 4096; tiny 512)")
     a("--max-context", type=int, default=None, help="KV-cache slots per rollout row (7B 16384; tiny 4096)")
     a("--temperature", type=float, default=1.0, help="sampling temperature (release trained at 1.0; paper 0.75)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling (paper 0.9)")
@@ -235,7 +239,7 @@ def parse_args(argv=None):
       help="token-mean over all masked tokens, or mean over trajectories of their token means (release option)")
     a("--mini-batches", type=int, default=1, help="optimizer steps per epoch over one rollout batch")
     a("--update-epochs", type=int, default=1, help="passes over one rollout batch")
-    a("--lr", type=float, default=None, help="constant AdamW lr (release 1e-6; tiny demo 5e-4)")
+    a("--lr", type=float, default=None, help="constant AdamW lr (release 1e-6; tiny demo 5e-5)")
     a("--weight-decay", type=float, default=1e-2)
     a("--grad-clip", type=float, default=1.0)
     a("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
@@ -245,10 +249,22 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=50)
     a("--dump-every", type=int, default=10, help="write decoded trajectories every N steps (0: never)")
     a("--bench", action="store_true", help="time a few steps (rollout / old-logp / update split), write nothing")
+    # the CPU demo's variants (no --model; as sft.py's)
+    a("--vanilla", action="store_true", help="demo: continue out/sft-vanilla (the vanilla-encoder pipeline) "
+                                             "into out/grpo-vanilla")
+    a("--smoke", action="store_true", help="demo: a few tiny steps under out/smoke/ (CI)")
     args = ap.parse_args(argv)
     tiny = args.model is None
-    for k, big, small in (("steps", 1200, 40), ("prompts_per_step", 96, 8), ("max_turn_tokens", 1024, 96),
-                          ("max_new_tokens", 4096, 384), ("max_context", 16384, 4096), ("lr", 1e-6, 5e-4),
+    if not tiny and (args.vanilla or args.smoke):
+        ap.error("--vanilla and --smoke are demo flags: they do not go with --model")
+    if args.smoke:  # each unset size at its smallest useful value
+        for k, v in (("steps", 2), ("prompts_per_step", 2), ("group_size", 2), ("max_turn_tokens", 32),
+                     ("max_new_tokens", 64)):
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    for k, big, small in (("steps", 1200, 30), ("prompts_per_step", 96, 8), ("group_size", 4, 4),
+                          ("max_turn_tokens", 1024, 256), ("max_new_tokens", 4096, 512), ("max_context", 16384, 4096),
+                          ("lr", 1e-6, 5e-5),
                           ("activation_checkpointing", True, False)):
         if getattr(args, k) is None:
             setattr(args, k, small if tiny else big)
@@ -281,12 +297,15 @@ def train(args, rank, world, device):
     if P % world:
         raise SystemExit(f"--prompts-per-step {P} is not a multiple of the world size {world}")
     model_dir = resolve_checkpoint(args.model) if args.model else None
-    if model_dir is None:  # the tiny demo continues the default SFT run
-        model_dir = latest_checkpoint("out/sft")
+    if model_dir is None:  # the tiny demo continues the demo's SFT run
+        sft_dir = demo_dir("sft", args.smoke, args.vanilla)
+        model_dir = latest_checkpoint(sft_dir)
         if model_dir is None:
-            raise SystemExit("no SFT checkpoint in out/sft: run `python sft.py` first (or pass --model)")
+            flags = " --vanilla" * args.vanilla + " --smoke" * args.smoke
+            raise SystemExit(f"no SFT checkpoint in {sft_dir}: run `python sft.py{flags}` first (or pass --model)")
         if args.data is None:
-            args.data = "out/zoom/train.jsonl"
+            args.data = os.path.join(demo_dir("zoom", args.smoke), "train.jsonl")
+    args.out_dir = args.out_dir or (demo_dir("grpo", args.smoke, args.vanilla) if args.model is None else "out/grpo")
     if args.data is None:
         raise SystemExit("--data is required with --model")
     args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
@@ -294,8 +313,10 @@ def train(args, rank, world, device):
     if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
         raise SystemExit(f"{args.out_dir} already holds a run; pass --resume, or another --out-dir")
     meta = None
+    init_from = os.path.abspath(model_dir)  # recorded in every checkpoint: the SFT model this run started from
     if ckpt is not None:
         meta = resume_meta(ckpt, args, RESUME_KEYS)
+        init_from = meta.get("init_from", init_from)
         model_dir = ckpt
 
     # ---- model, tokenizers, prompts, optimizer
@@ -335,7 +356,8 @@ def train(args, rank, world, device):
     while True:
         last_step = step == end
         if not args.bench and step > start and (last_step or step % args.save_every == 0):
-            run_meta = dict(step=step, args=vars(args), config=config_to_hf(cfg), world_size=world)
+            run_meta = dict(step=step, args=vars(args), config=config_to_hf(cfg), world_size=world,
+                            init_from=init_from)
             save(args.out_dir, step, model, opt, cfg, (ct.tok, ct.qtok), run_meta, model_dir, rank)
         if last_step:
             break

@@ -65,14 +65,18 @@ VILAVT_FULLATT = [7, 15]  # ViLaVT's per-image full layers (stock: [7, 15, 23, 3
 
 
 
-def tiny_config(vocab_size, image_token_id):
+def tiny_config(vocab_size, image_token_id, vanilla=False):
     """The CPU-sized ViLaVT of the embedded default (`python sft.py`): the 7B's structure in
     miniature. Vision depth 8 with the release's schedule scaled down: window layers 0-2,
-    per-image full layer 3, query-aware layers 4-7 (7B: 0-14 / 7, 15 / 16-31)."""
+    per-image full layer 3, query-aware layers 4-7 (7B: 0-14 / 7, 15 / 16-31).
+    vanilla=True: the stock Qwen2.5-VL counterpart (the paper's "w/ vanilla ViT"), no inquiry
+    path; its layers 4-7 are what stock Qwen2.5-VL has there: window layers and a per-image
+    full layer 7 (7B: full layers 7, 15, 23, 31)."""
     lm = LMConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6), image_token_id=image_token_id)
     vision = VisionConfig(depth=8, hidden_size=64, intermediate_size=172, num_heads=4, out_hidden_size=128,
-                          fullatt_block_indexes=(3,), query_layers=(4, 5, 6, 7), text_dim=64)
+                          fullatt_block_indexes=(3, 7) if vanilla else (3,),
+                          query_layers=() if vanilla else (4, 5, 6, 7), text_dim=64)
     inquiry = InquiryConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     raw = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -92,7 +96,7 @@ def tiny_config(vocab_size, image_token_id):
                    "num_key_value_heads": inquiry.num_key_value_heads, "head_dim": inquiry.head_dim,
                    "rms_norm_eps": inquiry.rms_norm_eps, "rope_theta": inquiry.rope_theta, "hidden_act": "silu",
                    "tie_word_embeddings": True}
-    return ViLaVTConfig(lm=lm, vision=vision, inquiry=inquiry, raw=raw)
+    return ViLaVTConfig(lm=lm, vision=vision, inquiry=None if vanilla else inquiry, raw=raw)
 
 
 # -----------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def _on_device(model, enc, device):
     return enc
 
 
-def _end_turn(row, tok, model, ct, limits, device):
+def _end_turn(row, tok, model, ct, limits, device, inquiry):
     """Called after a policy token; decides what comes next: more of this turn, an
     observation, or the end. Returns the finish reason or None."""
     traj = row.traj
@@ -174,7 +174,7 @@ def _end_turn(row, tok, model, ct, limits, device):
     new, enc = [], None
     if error is None:
         try:
-            new = ctx.zoom(turn.tool)
+            new = ctx.zoom(turn.tool if inquiry else dict(turn.tool, query=""))
         except ValueError as e:  # e.g. a crop too thin to encode
             error = str(e)
     if error is None:
@@ -196,9 +196,12 @@ def _end_turn(row, tok, model, ct, limits, device):
 
 
 @torch.no_grad()
-def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), forced=None):
+def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), forced=None,
+            inquiry=True):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
-    forced: optional per-row token lists (a scripted policy, for tests)."""
+    forced: optional per-row token lists (a scripted policy, for tests). inquiry=False is the
+    paper's "w/o inquiry" ablation (section 4.4, q = empty set): each tool call's crops are still
+    encoded jointly as one group, but with no inquiry tokens; the policy's text keeps its query."""
     device = model.lm_head.weight.device
     image_token = model.cfg.lm.image_token_id
     G, n = group_size, len(prompts) * group_size
@@ -271,7 +274,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
             _append(row, [tok], policy=True, logps=[float(logp[i, tok])])
             row.turn.append(tok)
             row.n_new += 1
-            finish = _end_turn(row, tok, model, ct, limits, device)
+            finish = _end_turn(row, tok, model, ct, limits, device, inquiry)
             if finish is None and row.cache_len + 1 >= limits.max_context:
                 finish = "context_full"
             if finish is None:

@@ -366,7 +366,8 @@ def test_import_release_record(tmp_path, ct, tokenizer):
 # -----------------------------------------------------------------------------
 # zoom world
 
-CFG = data.ZoomWorldConfig()
+# every kind of sample (the demo's default is dots only, on a 2x2 grid, no crop of a crop)
+CFG = data.ZoomWorldConfig(mark_kinds=("dots", "digit"), grid=(3, 3), n_cards=(3, 6), share_crop_of_crop=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +390,7 @@ def test_zoom_world_is_deterministic(tmp_path):
     b = data.make_zoom_world(str(tmp_path / "b"), n_train=6, n_eval=2, seed=5)
     c = data.make_zoom_world(str(tmp_path / "c"), n_train=6, n_eval=2, seed=6)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    assert a["budget"] == b["budget"] == data.read_budget(a["meta"]) == Budget(max_pixels=224 * 224)
+    assert a["budget"] == b["budget"] == data.read_budget(a["meta"]) == Budget(max_pixels=168 * 168)
 
 
 def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, ct):
@@ -399,10 +400,10 @@ def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, ct)
         rows, n_bad = data.read_jsonl(zoom_world[split], image_root=root, need_steps=True)
         assert n_bad == 0
         recs += [rec for _, rec in rows]
-    n_calls = 0
+    n_calls = n_direct = 0
     for rec in recs:
         assert rec["category"] in ("single", "multi", "text-only")
-        assert len(rec["target_boxes"]) == len(rec["images"]) and rec["max_pixels"] == 224 * 224
+        assert len(rec["target_boxes"]) == len(rec["images"]) and rec["max_pixels"] == 168 * 168
         if rec["problem_type"] == "multiple choice":
             letters = [o[0] for o in rec["options"]]
             assert rec["answer"] in letters and rec["steps"][-1]["answer"] == rec["answer"]
@@ -411,7 +412,7 @@ def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, ct)
         s = render_sample(rec, rec["id"], root, ct, budget)
         ctx = s["context"]
         n_orig = len(rec["images"])
-        assert [v.display for v in ctx.views[:n_orig]] == [(224, 224)] * n_orig  # 64 tokens each
+        assert [v.display for v in ctx.views[:n_orig]] == [(168, 168)] * n_orig  # 36 tokens each
         for view in ctx.views[n_orig:]:  # every gold crop covers its target card
             tx1, ty1, tx2, ty2 = rec["target_boxes"][view.source]
             x1, y1, x2, y2 = view.region
@@ -439,6 +440,12 @@ def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, ct)
                 for b in cards:
                     assert a is b or a["box"][2] <= b["box"][0] or b["box"][2] <= a["box"][0] or \
                         a["box"][3] <= b["box"][1] or b["box"][3] <= a["box"][1]
+        if rec.get("mode") == "direct":  # the no-tool share of the train split: one answer step
+            assert rec["id"].startswith("train") and len(rec["steps"]) == 1 and "tool" not in rec["steps"][0]
+            assert "system" not in rec and data.DIRECT_INSTRUCTIONS in s["text"]
+            n_direct += 1
+            continue
+        assert rec["system"] == data.ZW_SYSTEM and s["text"].startswith(f"<|im_start|>system\n{data.ZW_SYSTEM}")
         if rec["category"] == "multi":
             regions = rec["steps"][0]["tool"]["region"]
             assert sorted(r["index"] for r in regions) == list(range(n_orig)) and n_orig >= 2
@@ -446,7 +453,7 @@ def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, ct)
         if rec["task"].endswith("zoom2"):  # a crop of a crop
             assert rec["steps"][1]["tool"]["region"][0]["index"] == n_orig
             assert ctx.views[-1].parent == n_orig
-    assert n_calls > 30
+    assert n_calls > 30 and n_direct == round(CFG.share_direct * 40)
 
 
 def test_zoom_world_shares(zoom_world):
@@ -460,13 +467,13 @@ def test_zoom_world_shares(zoom_world):
     assert abs(len(zoom2) / len(cat("single")) - CFG.share_crop_of_crop) < 0.05
     assert {r["mark"] for r in recs} == {"dots", "digit"}
     meta = json.load(open(zoom_world["meta"]))
-    assert sum(meta["counts"]["train"].values()) == n and meta["budget"]["max_pixels"] == 224 * 224
+    assert sum(meta["counts"]["train"].values()) == n and meta["budget"]["max_pixels"] == 168 * 168
 
 
 def test_zoom_world_marks_need_the_zoom():
     """The honest resolution check. Two scenes identical but for the target card's mark (2 vs 5
     dots; digits 3 vs 8, which differ in just two font cells). At the display the model gets
-    for the original (BICUBIC to 224x224, as preprocess_image does), the card images differ by
+    for the original (BICUBIC to 168x168, as preprocess_image does), the card images differ by
     at most a few grey levels (rounding, bicubic tails at mark corners). After the gold zoom
     (crop rule + smart_resize), they differ by ~100 levels; also after an off-grid zoom whose
     crop smart_resize has to resample."""
@@ -475,8 +482,8 @@ def test_zoom_world_marks_need_the_zoom():
 
     def scene(kind, value, slots):
         target = {"color": "red", "kind": kind, "value": value, "slots": slots, "big": False,
-                  "box": (100, 120, 164, 160)}
-        other = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": (300, 300, 364, 340)}
+                  "box": (120, 128, 184, 168)}
+        other = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": (240, 240, 304, 280)}
         return data._zw_render(np.random.default_rng(7), CFG, r, [target, other])
 
     def card_diff(a, b, box):
@@ -491,9 +498,9 @@ def test_zoom_world_marks_need_the_zoom():
         h, w = data.smart_resize(crop.height, crop.width, data.FACTOR, budget.min_pixels, budget.for_crops())
         return np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC)), region, (w, h)
 
-    card = (100 / 448, 120 / 448, 164 / 448, 160 / 448)
-    gold = data._zw_bbox(np.random.default_rng(0), [v * Wd for v in card], (Wd, Hd), CFG.bbox_margin, data.PATCH)
-    off_grid = [47, 55, 87, 85]  # 40x30 display px: the 80x60 crop is resampled to 84x56
+    card = (120 / 336, 128 / 336, 184 / 336, 168 / 336)
+    gold = data._zw_cells_bbox(CFG, (Wd, Hd, r), data._zw_cell(CFG, [v * 336 for v in card]))
+    off_grid = [55, 59, 95, 89]  # 40x30 display px around the card: the 80x60 crop is resampled to 84x56
     for kind, (va, sa), (vb, sb) in [("dots", (2, [0, 1]), (5, [0, 2, 3, 5, 7])), ("digit", (3, None), (8, None))]:
         A, B = scene(kind, va, sa), scene(kind, vb, sb)
         a, _, _ = shown(A)
@@ -507,3 +514,25 @@ def test_zoom_world_marks_need_the_zoom():
             mean1, max1 = card_diff(a, b, data._zw_in(card, region, disp))
             assert max1 >= floor and max1 >= 10 * max0 and mean1 > 5 * mean0, (kind, bbox, mean0, mean1, max1)
     assert (gold[2] - gold[0]) % 14 == 0 and (gold[3] - gold[1]) % 14 == 0  # gold crops: no resampling
+
+
+def test_default_zoom_world_boxes_are_the_named_cells(tmp_path):
+    """The demo's default world (2x2 grid): every gold box is the cell the think names for that
+    image, and it holds the target card."""
+    import re
+    zw = data.make_zoom_world(str(tmp_path), n_train=30, n_eval=0)
+    cells = {"in the top left": [0, 0, 84, 84], "in the top right": [84, 0, 168, 84],
+             "in the bottom left": [0, 84, 84, 168], "in the bottom right": [84, 84, 168, 168]}
+    n = 0
+    for _, rec in data.read_jsonl(zw["train"])[0]:
+        if "tool" not in rec["steps"][0]:
+            continue
+        named = {int(i): p for p, i in re.findall(r"(in the \w+ \w+) of image (\d)", rec["steps"][0]["think"])}
+        for r in rec["steps"][0]["tool"]["region"]:
+            assert r["bbox_2d"] == cells[named[r["index"]]], rec["id"]
+            t = [v * 168 for v in rec["target_boxes"][r["index"]]]
+            x1, y1, x2, y2 = r["bbox_2d"]
+            assert x1 <= t[0] and y1 <= t[1] and t[2] <= x2 and t[3] <= y2
+            n += 1
+        assert rec["prompt"].endswith("Question: " + data.format_question(rec["question"], rec["options"]))
+    assert n >= 15

@@ -98,6 +98,24 @@ def test_scripted_trajectory_equals_rendering(tmp_path, model, ct):
     assert views[4].region[0] == pytest.approx(x1)
 
 
+def test_no_inquiry_blanks_the_query_at_re_encoding_only(model, ct):
+    """inquiry=False (the paper's "w/o inquiry"): the same tokens and crop groups, the crops
+    encoded with no query tokens, hence other features for the turns after the first call."""
+    prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
+    forced = [policy_tokens(ct, TWO_CALLS["steps"])]
+    a = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=forced)[0]
+    b = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[list(forced[0])], inquiry=False)[0]
+    assert b.ids == a.ids and b.turns == a.turns and [v.group for v in b.context.views] == [0, 1, 2, 2, 3]
+    assert b.context.queries == [""] * 4 and a.context.queries[2:] == ["count the dots on the red card", "the dots"]
+    assert b.encoder_inputs(ct)["query_mask"].sum() == 0 < a.encoder_inputs(ct)["query_mask"].sum()
+    fa, fb = (model.encode_images(**t.encoder_inputs(ct)) for t in (a, b))
+    n_orig = sum(int(g.prod()) for g in a.encoder_inputs(ct)["grid_thw"][:2]) // 4  # merged tokens of the originals
+    assert torch.equal(fa[:n_orig], fb[:n_orig]) and (fa[n_orig:] - fb[n_orig:]).abs().max() > 1e-5  # (random weights)
+    first_obs = a.ids.index(ct.im_end, a.ids.index(ct.encode("<tool>")[0]))  # the first tool turn's end
+    la, lb = torch.tensor(a.logprobs), torch.tensor(b.logprobs)
+    assert torch.equal(la[:first_obs], lb[:first_obs]) and not torch.equal(la, lb)
+
+
 def test_logprobs_recomputed_on_returned_tokens(tmp_path, model, ct):
     """No decode-then-retokenize drift: a full forward over traj.ids (all images re-encoded in
     their groups) gives the sampler's log-probs at every policy token."""

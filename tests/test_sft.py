@@ -63,7 +63,10 @@ def world(tmp_path_factory):
     data.make_zoom_world(zoom, n_train=19, n_eval=0, seed=1)
     with open(os.path.join(zoom, "train.jsonl")) as f:
         recs = [json.loads(line) for line in f]
-    recs.append(dict(recs[0], question=recs[0]["question"] + " " + "0123456789" * 300))  # ~3000 more tokens
+    long = dict(recs[0], question=recs[0]["question"] + " " + "0123456789" * 300)  # ~3000 more tokens
+    if "prompt" in long:  # the zoom world's own user turn holds the question too
+        long["prompt"] += " " + "0123456789" * 300
+    recs.append(long)
     with open(os.path.join(zoom, "train.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
     train = os.path.join(zoom, "train.jsonl")
@@ -140,11 +143,11 @@ def test_default_run_learns(world, tmp_path):
     # is in the README.
     data.make_zoom_world(str(tmp_path / "out" / "zoom"), n_train=48, n_eval=0)
     shutil.copytree(world["base"], tmp_path / "out" / "tiny-base")
-    run(["--max-steps", "16", "--global-batch", "4", "--save-every", "1000"], cwd=tmp_path)
+    run(["--max-steps", "40", "--save-every", "1000"], cwd=tmp_path)
     curve = losses(str(tmp_path / "out" / "sft"))
     start, end = curve[0], sum(curve[-3:]) / 3
     assert end < 0.7 * start, curve
-    assert os.path.exists(tmp_path / "out" / "sft" / "step_000016" / "model.safetensors")
+    assert os.path.exists(tmp_path / "out" / "sft" / "step_000040" / "model.safetensors")
 
 
 def test_import_release_trains(world, tmp_path):
