@@ -352,13 +352,16 @@ def format_question(question, options=None):
     return question + "\n" + "\n".join(lines)
 
 
-def size_line(displays):
+def images_header(displays):
+    """Figure 16's lines after the image blocks: how many images (if several), their size."""
+    n = len(displays)
+    count = f"These are {n} images with indexed from 0 to {n - 1}.\n" if n > 1 else ""
     # Figure 16 states one size for all images; originals of different sizes get one line each.
     if len(set(displays)) == 1:
         (W, H), = set(displays)
-        who = "The image has" if len(displays) == 1 else "All images have"
-        return f"{who} size: width {W}, height {H}.\n"
-    return "".join(f"Image {i} has size: width {W}, height {H}.\n" for i, (W, H) in enumerate(displays))
+        who = "The image has" if n == 1 else "All images have"
+        return count + f"{who} size: width {W}, height {H}.\n"
+    return count + "".join(f"Image {i} has size: width {W}, height {H}.\n" for i, (W, H) in enumerate(displays))
 
 
 def prompt_parts(displays, question, system=SYSTEM_PROMPT, user=None, instructions=None):
@@ -377,8 +380,7 @@ def prompt_parts(displays, question, system=SYSTEM_PROMPT, user=None, instructio
         parts += _placeholders(user, len(displays), "user prompt")
     elif "<image>" in question:
         n, k = len(displays), 0
-        text = f"These are {n} images with indexed from 0 to {n - 1}.\n" if n > 1 else ""
-        text += size_line(displays) + "Question: "
+        text = images_header(displays) + "Question: "
         for p in _placeholders(question, n, "question"):
             if p is IMAGE:  # a text piece ends where an image block starts (see "tokens" below)
                 if parts[-1] is IMAGE:
@@ -394,9 +396,7 @@ def prompt_parts(displays, question, system=SYSTEM_PROMPT, user=None, instructio
         n = len(displays)
         for i in range(n):
             parts += [IMAGE, f"The index of the provided image is {i}.\n"]
-        text = f"These are {n} images with indexed from 0 to {n - 1}.\n" if n > 1 else ""
-        text += size_line(displays) + f"Question: {question}\n" + instructions
-        parts.append(text)
+        parts.append(images_header(displays) + f"Question: {question}\n" + instructions)
     parts.append(f"{IM_END}\n{ASSISTANT_HEADER}")
     return parts
 
@@ -1040,8 +1040,7 @@ def zoom_world_user(n_images, display, question):
     """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the image
     index and size lines of Figure 16, a one-line instruction, then the question."""
     text = "".join(f"<image>The index of the provided image is {i}.\n" for i in range(n_images))
-    text += f"These are {n_images} images with indexed from 0 to {n_images - 1}.\n" if n_images > 1 else ""
-    return text + size_line([display] * n_images) + ZW_INSTRUCTIONS + "\nQuestion: " + question
+    return text + images_header([display] * n_images) + ZW_INSTRUCTIONS + "\nQuestion: " + question
 
 
 ZW_COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),

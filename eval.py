@@ -102,7 +102,6 @@ CATEGORY_FIELDS = ("category", "cycle_category", "task", "original_question_type
 SUFFIX = {"mc": "\nAnswer with the option's letter from the given choices directly.",
           "num": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
 
-PLAIN_SYSTEM, DIRECT_INSTRUCTIONS = data.PLAIN_SYSTEM, data.DIRECT_INSTRUCTIONS  # the direct / plain prompts
 MODES = ("chat", "direct", "plain")
 
 
@@ -267,10 +266,11 @@ def make_prompt(q, images, mode, t_max, max_pixels=None):
         return rollout.Prompt(images, text, max_tool_calls=t_max, max_pixels=max_pixels, system=meta.get("system"),
                               user=meta.get("prompt"))
     if mode == "direct":
-        return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=PLAIN_SYSTEM,
-                              instructions=DIRECT_INSTRUCTIONS)
+        return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
+                              instructions=data.DIRECT_INSTRUCTIONS)
     user = text if "<image>" in text else "<image>" * len(images) + text
-    return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=PLAIN_SYSTEM, user=user)
+    return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
+                          user=user)
 
 
 def make_budget(bench, tokens, sweep=False):
@@ -870,6 +870,7 @@ def cmd_run(args):
         sweep_report(name, summaries, stem, os.path.basename(os.path.normpath(args.model)))
     return summaries
 
+
 # -----------------------------------------------------------------------------
 # the CPU demo (README "The demo"): a miniature of the paper's Table 2 on the zoom world
 
@@ -952,7 +953,7 @@ def cmd_demo(args):
     # million parameters trained for minutes is brittle under sampling (a stray digit breaks a
     # box), and greedy makes the table reproducible to the digit.
     args.greedy = True
-    rows = []
+    rows, models = [], {}  # checkpoint -> (model, ChatTokenizer): two rows share each of sft and grpo
     for name, stage, vanilla, mode, inquiry in DEMO_ROWS:
         ckpt = latest_checkpoint(demo_dir(stage, args.smoke, vanilla))
         if ckpt is None:
@@ -963,7 +964,9 @@ def cmd_demo(args):
         if os.path.exists(out) and os.path.getmtime(out) < os.path.getmtime(os.path.join(ckpt, "config.json")):
             os.remove(out)
         args.model, args.no_inquiry = ckpt, not inquiry
-        model, ct = load_model(args)
+        if ckpt not in models:
+            models[ckpt] = load_model(args)
+        model, ct = models[ckpt]
         run_bench(args, model, ct, questions, bench_name(bench), out, mode, args.max_visual_tokens, 0, 1, budget)
         lines, _ = read_results(results_files(out))
         rows.append(dict(name=name, **demo_metrics(questions, lines), checkpoint=os.path.abspath(ckpt), mode=mode,
@@ -973,7 +976,6 @@ def cmd_demo(args):
     write_atomic(os.path.join(out_dir, "results.md"), md)
     print("\n" + md + f"\nwrote {os.path.join(out_dir, 'results.json')}")
     return rows
-
 
 
 def build_parser():

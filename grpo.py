@@ -34,7 +34,7 @@ import reward
 import rollout
 from model import config_to_hf
 from sft import (build_model, demo_dir, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0,
-                 resolve_checkpoint, restore, resume_meta, save, warn)
+                 resolve_checkpoint, restore, save, start_point, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -309,14 +309,8 @@ def train(args, rank, world, device):
     if args.data is None:
         raise SystemExit("--data is required with --model")
     args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
-        raise SystemExit(f"{args.out_dir} already holds a run; pass --resume, or another --out-dir")
-    meta = None
-    init_from = os.path.abspath(model_dir)  # recorded in every checkpoint: the SFT model this run started from
+    ckpt, meta, init_from = start_point(args, RESUME_KEYS, model_dir)  # init_from: the SFT model
     if ckpt is not None:
-        meta = resume_meta(ckpt, args, RESUME_KEYS)
-        init_from = meta.get("init_from", init_from)
         model_dir = ckpt
 
     # ---- model, tokenizers, prompts, optimizer

@@ -448,16 +448,28 @@ def save(out_dir, step, model, opt, cfg, toks, meta, source_dir, rank):
     return write_checkpoint(out_dir, step, write, rank)
 
 
-def resume_meta(ckpt, args, keys):
-    """A checkpoint's meta.json, after checking that no flag in `keys` (those that define the
-    run's math and data order) changed since it was written."""
+def start_point(args, keys, model_dir):
+    """Where a run starts: (checkpoint, its meta.json, init_from). With --resume the run's
+    `latest` (None: starting fresh), after checking that no flag in `keys` (those that define
+    the run's math and data order) changed since it was written; without it, a folder that
+    already holds a run is refused. init_from, kept in every checkpoint, is the model the run
+    first started from (model_dir, or what the resumed checkpoint recorded)."""
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
+        raise SystemExit(f"{args.out_dir} already holds a run (latest: {latest_checkpoint(args.out_dir)}); "
+                         "pass --resume to continue it, or another --out-dir")
+    init_from = os.path.abspath(model_dir)
+    if ckpt is None:
+        if args.resume:
+            print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
+        return None, None, init_from
     meta = read_json(os.path.join(ckpt, "meta.json"))
     changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
                if meta["args"].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f"--resume from {ckpt} with changed flags: {'; '.join(changed)}")
     print0(f"resuming from {ckpt} (step {meta['step']})")
-    return meta
+    return ckpt, meta, meta.get("init_from", init_from)
 
 
 def restore(model, opt, ckpt, meta, rank):
@@ -517,18 +529,9 @@ def train(args, rank, world, device):
             args.data, args.image_root = os.path.join(zoom, "train.jsonl"), zoom
             budget = data.read_budget(zoom)
     args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
-        raise SystemExit(f"{args.out_dir} already holds a run (latest: {latest_checkpoint(args.out_dir)}); "
-                         "pass --resume to continue it, or another --out-dir")
-    meta = None
-    init_from = os.path.abspath(model_dir)  # recorded in every checkpoint: where this run started
+    ckpt, meta, init_from = start_point(args, RESUME_KEYS, model_dir)
     if ckpt is not None:
-        meta = resume_meta(ckpt, args, RESUME_KEYS)
-        init_from = meta.get("init_from", init_from)
         model_dir, embedder_dir = ckpt, None  # the checkpoint is self-contained
-    elif args.resume:
-        print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
     if args.import_release:
         imported = os.path.join(args.out_dir, "imported.jsonl")
         if rank == 0:

@@ -405,7 +405,7 @@ def test_vanilla_model_plain_and_direct_modes(tmp_path, stock_dir, model_dir, be
     (p,), (d,) = lines_of(str(tmp_path / "p.jsonl")), lines_of(str(tmp_path / "d.jsonl"))
     assert p["mode"] == "plain" and d["mode"] == "direct" and p["max_tool_calls"] == 0 == d["max_tool_calls"]
     assert count_prompts[0].user.startswith("<image>What is the number") and count_prompts[1].user is None
-    assert count_prompts[1].instructions == E.DIRECT_INSTRUCTIONS
+    assert count_prompts[1].instructions == data.DIRECT_INSTRUCTIONS
 
 
 # -----------------------------------------------------------------------------
