@@ -1,7 +1,8 @@
 """
 Data: images (resize, patchify, the crop rule), prompts and chat rendering, tokens,
-trajectory records and datasets, the importer of the release's SFT data, the tiny tokenizer
-of the CPU-sized model, and the zoom world (a synthetic task whose answers need a zoom).
+trajectory records and datasets, the importer of the release's SFT data, and a tiny
+tokenizer trainer for CPU-sized models. `python data.py RECORDS.jsonl --index N --model DIR`
+shows one record as the model reads it.
 
 Everything the model sees of an image goes through this file, so that SFT, RL rollouts and
 evaluation resize, patchify and crop in exactly one way (SPEC section 3). The image part is
@@ -9,7 +10,6 @@ a dependency-free reimplementation of transformers' slow `Qwen2VLImageProcessor`
 PIL only); tests/test_preprocess.py checks it against the real one, bit for bit.
 """
 
-import functools
 import json
 import math
 import os
@@ -900,14 +900,47 @@ def import_release_record(rec, where):
     return out
 
 
+
+def import_release(src, dst, skip_bad=False, log=print):
+    """The release's records (a JSON list, or JSONL) -> our JSONL via data.import_release_record.
+    Returns (records written, records skipped)."""
+    with open(src) as f:
+        text = f.read()
+    try:
+        recs = json.loads(text)
+        items = [(f"{src}[{i}]", r) for i, r in enumerate(recs if isinstance(recs, list) else [recs])]
+    except json.JSONDecodeError:  # JSONL: one record per line
+        items = [(f"{src}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    n_bad = 0
+    with open(dst + ".tmp", "w") as f:
+        for where, rec in items:
+            try:
+                if isinstance(rec, str):
+                    try:
+                        rec = json.loads(rec)
+                    except json.JSONDecodeError as e:
+                        raise RecordError(f"{where}: malformed JSON ({e})") from None
+                if not isinstance(rec, dict):
+                    raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                f.write(json.dumps(import_release_record(rec, where)) + "\n")
+            except RecordError as e:
+                if not skip_bad:
+                    raise
+                n_bad += 1
+                log(f"skipping bad release record: {e}")
+    os.replace(dst + ".tmp", dst)
+    return len(items) - n_bad, n_bad
+
+
 # -----------------------------------------------------------------------------
-# tokenizer: a tiny byte-level BPE with Qwen's special tokens, for the CPU-sized model
+# tokenizer: a tiny byte-level BPE with Qwen's special tokens, for CPU-sized models
 #
-# `python sft.py` (embedded tiny default) and the tests need a tokenizer without any hub
+# The CPU demo (zoom_world.py), the tests and bench.py need a tokenizer without any hub
 # download. It is Qwen2's tokenizer in miniature: the same pre-tokenizer (Qwen2's split regex,
 # so digits are single tokens, then byte-level), the same special tokens, eos <|im_end|> and
-# pad <|endoftext|>; byte-level, so any text encodes. Its merges are learnt from the prompts
-# of this file and the zoom world's templates, so those tokenize compactly.
+# pad <|endoftext|>; byte-level, so any text encodes. Its merges are learnt from a corpus the
+# caller gives (zoom_world.tokenizer_corpus: the prompts and the zoom world's sentences), so
+# those texts tokenize compactly.
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -916,26 +949,11 @@ QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def tokenizer_corpus():
-    """The deterministic training text of build_tokenizer: every fixed prompt text, one
-    rendered prompt and observation, the zoom world's templates filled with each colour,
-    place and number, and the printable ASCII characters."""
-    texts = [SYSTEM_PROMPT, ZW_SYSTEM, ZW_INSTRUCTIONS, PLAIN_SYSTEM, DIRECT_INSTRUCTIONS, TOOL_FORMAT, ANSWER_FORMAT,
-             CONTINUE_NOTE, FINAL_NOTE]
-    texts += [p for p in prompt_parts([(224, 224), (224, 224)], "How many dots are on the red card?")
-              + observation_parts(2, [(84, 56)]) if p is not IMAGE]
-    texts += [f"The index of the provided image is {i}.\nThe index of the zoom-in image is {i} "
-              f"(width: {28 * i}, height: {56 * i}).\n" for i in range(10)]
-    texts += zoom_world_texts()
-    texts.append("0123456789 " + "".join(chr(c) for c in range(33, 127)) + " \n")
-    return texts
-
-
-def build_tokenizer(out_dir, vocab_size=1024):
-    """Train the tiny tokenizer, save it with save_pretrained(out_dir), return it
-    (a transformers PreTrainedTokenizerFast). Deterministic: the same files on every run.
-    vocab_size is an upper bound: training stops early when the corpus has no pair left to
-    merge (the default corpus gives about 1000 tokens, specials included)."""
+def train_tokenizer(out_dir, corpus, vocab_size=1024):
+    """Train a tiny tokenizer on `corpus` (a list of texts), save it with save_pretrained(out_dir),
+    return it (a transformers PreTrainedTokenizerFast). Deterministic: the same corpus gives the
+    same files on every run. vocab_size is an upper bound: training stops early when the corpus
+    has no pair left to merge."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast  # the tokenizer class only, no modeling code
     tok = Tokenizer(models.BPE())
@@ -946,7 +964,7 @@ def build_tokenizer(out_dir, vocab_size=1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=list(SPECIAL_TOKENS[1:]), model_max_length=131072)
     fast.save_pretrained(out_dir)
@@ -954,551 +972,17 @@ def build_tokenizer(out_dir, vocab_size=1024):
 
 
 # -----------------------------------------------------------------------------
-# zoom world: a synthetic task whose answers need a zoom (paper App. A.2/A.3 in miniature)
-#
-# Coloured cards on a cluttered background; each card's grey label bears a mark: a few dots
-# (count them) or one digit (read it). The scene is generated first and the gold trajectory
-# is written from that knowledge (the paper's knowledge-first synthesis): the think names
-# what is looked for and where, the tool call's bbox covers the target card, the query names
-# it, the last step answers.
-#
-# Why the mark needs a zoom (the physics). Originals are displayed at exactly 1/r of their
-# size (default 336x336 -> 168x168, r = 2, 36 visual tokens). A mark is a region of
-# checkerboard texture (cells of r/2 original px, levels ink_levels) on a label of flat grey
-# equal to the texture's mean, so mark and bare label differ only in a pattern whose period
-# is one display pixel. The resize to the display (BICUBIC, antialiased) weighs each display
-# pixel's neighbourhood symmetrically about the centre of its r x r block, about which the
-# checkerboard is antisymmetric: it cancels, and the label shows as flat grey whatever the
-# mark, up to a few grey levels at mark corners (tests/test_data.py measures <= 4 of 255).
-# A zoom is cut at 2x the displayed scale (crop rule), so the texture's period becomes 2 crop
-# px, the finest a pixel grid holds: the marks (8 px dots, a 12x20 px digit at r = 2) show
-# at full contrast in the crop, and at 4 px per period in a crop of a crop.
-# Visible at the display: the cards, their colours, sizes and number. Questions about those
-# are the text-only share (App. A.3): a single answer step, no tool call.
-# Where the cards are. Each image is cut into a grid of cells (default 2x2, the four corner
-# phrases; 3x3 gives all nine), a card sits at a random spot inside one cell, and the gold
-# bbox is the whole cell (84x84 display px by default: a 168x168 crop, 36 tokens, that
-# smart_resize leaves alone). Locating the card is a choice among a few cells, named in the
-# think before the bbox is written: a model of a few million parameters trained for minutes
-# can map a phrase to a box (with free-form boxes our first tiny runs wrote degenerate ones).
-# A bbox off the grid still works if it covers the card: its crop is resampled by
-# smart_resize, which beats the 2-px texture into a moire of lower but still
-# large contrast (test: >= 40 of 255).
-
-
-@dataclass
-class ZoomWorldConfig:
-    """Every knob of the zoom world. Sizes in original-file pixels unless said otherwise."""
-    canvas_size: tuple = (336, 336)  # (W, H) of each original image file
-    display_max_pixels: int = 168 * 168  # max_pixels of originals: 336x336 shows at 168x168 = 36 visual tokens;
-    #   canvas / display must be an even integer r (checked), marks vanish at the display
-    min_pixels: int = MIN_PIXELS  # smart_resize lower bound, for originals and crops
-    crop_max_pixels: int = None  # max_pixels of a crop; None = the full budget (budget_per_crop())
-    grid: tuple = (2, 2)  # (columns, rows) of cells, 2 or 3 each; a card sits inside one cell, the gold bbox
-    #   is that cell, and the think names it ("in the top left") before the bbox is written
-    cell_margin: int = 8  # least space between a card and its cell's edge
-    card_size: tuple = (64, 40)  # (w, h) of a card: 32x20 display px
-    card_border: int = 6  # coloured frame around the card's flat grey label
-    big_card_scale: float = 1.5  # linear size of an image's one large card relative to card_size
-    big_card_share: float = 0.4  # share of images with a large card (always one for "largest color" questions)
-    mark_kinds: tuple = ("dots",)  # mark kinds, drawn uniformly per sample: "dots" to count, "digit" to read
-    dot_size: int = 8  # side of a square dot (4 display px at 1x; 8 crop px after one zoom); multiple of r
-    dot_gap: int = 4  # space between dot positions
-    dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
-    dot_count: tuple = (1, 6)  # dots on a card, inclusive range
-    digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
-    ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
-    n_cards: tuple = (2, 4)  # cards per image, inclusive range; at most len(ZW_COLORS) and the cell count
-    n_clutter: tuple = (15, 30)  # background clutter shapes per image, inclusive range
-    clutter_size: tuple = (6, 48)  # clutter shape size range
-    multi_images: tuple = (2, 3)  # images in a multi-image sample, inclusive range
-    share_text_only: float = 0.2  # samples answerable from the initial view: one answer step, no tool
-    share_multi: float = 0.3  # of the tool-using samples: multi-image (one call names regions in every image)
-    share_mc: float = 0.5  # of each category: multiple choice (options, letter answer); else numeric (MRA)
-    share_crop_of_crop: float = 0.0  # of single-image tool-using samples: zoom on 2x2 cells, then on the card's
-    #   (needs a 3x3 grid)
-    share_direct: float = 0.1  # of the train split: "mode": "direct" records (no tools; a guess where the mark is
-    #   needed), so the SFT model also knows the no-tool prompt of eval.py --mode direct: the demo's baseline
-    max_tool_calls: int = 5  # the records' max_tool_calls
-    seed: int = 0  # default seed of make_zoom_world
-
-
-# The zoom world's prompts (in every chat record: `system` and `prompt`, so SFT, GRPO and eval all
-# use them). A deliberate difference from Figures 15/16, for the CPU budget: those are ~500
-# tokens of the same text around every question. With them, the tiny model never learned to
-# copy the card's colour from the question (measured: teacher-forced, its think named the
-# right colour 7/33 and 3/33 times, chance is 1/7, after 384 steps of 8 and 600 steps of 2,
-# question before or after Figure 16's instructions): one colour token among ~400 context
-# tokens gives attention almost no gradient at first. So the zoom world asks in ~30 tokens,
-# the question last; the tool-call format is learned from the gold turns. The observations
-# after a tool call stay SPEC 4's.
-ZW_SYSTEM = "You are a helpful assistant. You can zoom in on image regions with the tool."
-ZW_INSTRUCTIONS = "Think first, then zoom in with <tool> or answer with <answer>."
-
-
-def zoom_world_user(n_images, display, question):
-    """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the image
-    index and size lines of Figure 16, a one-line instruction, then the question."""
-    text = "".join(f"<image>The index of the provided image is {i}.\n" for i in range(n_images))
-    return text + images_header([display] * n_images) + ZW_INSTRUCTIONS + "\nQuestion: " + question
-
-
-ZW_COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),
-             "purple": (148, 70, 189), "orange": (250, 130, 20), "cyan": (20, 190, 205)}
-ZW_FONT = {  # 3x5 digits
-    0: ("###", "#.#", "#.#", "#.#", "###"), 1: (".#.", "##.", ".#.", ".#.", "###"),
-    2: ("###", "..#", "###", "#..", "###"), 3: ("###", "..#", "###", "..#", "###"),
-    4: ("#.#", "#.#", "###", "..#", "..#"), 5: ("###", "#..", "###", "..#", "###"),
-    6: ("###", "#..", "###", "#.#", "###"), 7: ("###", "..#", ".#.", ".#.", ".#."),
-    8: ("###", "#.#", "###", "#.#", "###"), 9: ("###", "#.#", "###", "..#", "###")}
-ZW_PLACES = ("in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
-             "in the bottom left", "at the bottom", "in the bottom right")
-ZW_TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is", {marks}: "dots" / "digits"
-    "q_dots": "How many dots are on the {color} card?",
-    "q_digit": "What digit is on the {color} card?",
-    "q_which_dots": "Which image has the {color} card with {value} dots?",
-    "q_which_digit": "Which image has the {color} card with the digit {value}?",
-    "q_total_dots": "How many dots are there in total on the {color} cards of these images?",
-    "q_total_digit": "What is the sum of the digits on the {color} cards of these images?",
-    "q_largest": "What color is the largest card in the image?",
-    "q_cards": "How many cards are there in the image?",
-    "query_dots": "count the dots on the {color} card",
-    "query_digit": "read the digit on the {color} card",
-    "query_multi_dots": "count the dots on the {color} card in each image",
-    "query_multi_digit": "read the digit on the {color} card in each image",
-    "query_find": "find the {color} card",
-    "t_zoom": "The question is about the {color} card, which is {place} of image {index}. Its {mark} too small "
-              "to {verb} at this resolution, so I will zoom in on it.",
-    "t_find": "The {color} card is {place} of image {index}, but it is small. I will first zoom in on that area.",
-    "t_refine": "Zoom-in image {k} shows the {color} card, but its {mark} still small. I will zoom in on the card "
-                "itself.",
-    "t_multi": "I need the {color} card in each of the {n} images: it is {places}. Their {marks} are too small "
-               "to {verb} here, so I will zoom in on all of them at once.",
-    "t_place": "{place} of image {index}",
-    "t_read_dots": "In zoom-in image {k}, the {color} card has {value} dots.",
-    "t_read_digit": "In zoom-in image {k}, the {color} card shows the digit {value}.",
-    "t_list_dots": "image {index}: {value} dots",
-    "t_list_digit": "image {index}: digit {value}",
-    "t_multi_read": "The zoom-in images show the {color} cards: {listing}.",
-    "t_which": "So the {color} card with {target} is in image {index}.",
-    "t_total": "In total that is {expr} = {value}.",
-    "t_largest": "The largest card is {place} of the image, and it is {color}. That is clear without zooming in.",
-    "t_cards": "All cards are clearly visible without zooming in: there are {value} of them.",
-    "t_option": " That is option {letter}.",
-    "t_guess": "The question is about the {color} card, which is {place} of image {index}. Its {mark} too small to "
-               "{verb} at this resolution, and no zoom-in tool is available, so I can only guess.",
-    "t_guess_multi": "I need the {color} card in each of the {n} images: it is {places}. Their {marks} are too small "
-                     "to {verb} here, and no zoom-in tool is available, so I can only guess.",
-}
-_ZW_KIND = {"dots": dict(mark="dots are", marks="dots", verb="count"),
-            "digit": dict(mark="digit is", marks="digits", verb="read")}
-
-
-def zoom_world_texts():
-    """The zoom world's sentences filled with every colour, place and small number (the tokenizer corpus)."""
-    out = []
-    for c, color in enumerate(ZW_COLORS):
-        for kind, words in _ZW_KIND.items():
-            for key, t in ZW_TEXT.items():
-                v = (c % 6) + 1
-                out.append(t.format(color=color, place=ZW_PLACES[(c + len(key)) % 9], index=c % 3, k=c % 3 + 1,
-                                    n=c % 3 + 2, value=v, target=f"{v} dots", listing=f"{v} dots", expr=f"{v} + 2",
-                                    places=f"{ZW_PLACES[c]} of image 0, {ZW_PLACES[8 - c]} of image 1",
-                                    letter="ABCD"[c % 4], **words))
-    out += [f"{chr(65 + i)}. {v}" for i in range(4) for v in ["Image 0", *ZW_COLORS, *range(10)]]
-    return out
-
-
-def _zw_geometry(cfg):
-    """(display W, H, r) for the config's originals; r = original px per display px."""
-    OW, OH = cfg.canvas_size
-    Hd, Wd = smart_resize(OH, OW, FACTOR, cfg.min_pixels, cfg.display_max_pixels)
-    r = OW // Wd
-    if OW != r * Wd or OH != r * Hd or r < 2 or r % 2:
-        raise ValueError(f"zoom world: canvas {OW}x{OH} displays at {Wd}x{Hd} under max_pixels="
-                         f"{cfg.display_max_pixels}; need an exact even scale-down (e.g. 336x336 -> 168x168)")
-    cols, rows = cfg.grid
-    if not {cols, rows} <= {2, 3} or (cfg.share_crop_of_crop > 0 and (cols, rows) != (3, 3)):
-        raise ValueError(f"zoom world: grid {cfg.grid}: 2 or 3 cells a side, 3x3 for crop-of-crop samples")
-    if Wd % cols or Hd % rows:
-        raise ValueError(f"zoom world: the {Wd}x{Hd} display does not split into a {cols}x{rows} grid of whole pixels")
-    for big in (False, True):
-        w, h = _zw_card_dims(cfg, r, big)
-        if w + 2 * cfg.cell_margin > OW // cols or h + 2 * cfg.cell_margin > OH // rows:
-            raise ValueError(f"zoom world: a {w}x{h} card plus cell_margin does not fit a cell of "
-                             f"{OW // cols}x{OH // rows}")
-    for name in ("dot_size", "digit_cell"):
-        if getattr(cfg, name) % r:
-            raise ValueError(f"zoom world: {name}={getattr(cfg, name)} must be a multiple of r={r}")
-    if sum(cfg.ink_levels) % 2:
-        raise ValueError(f"zoom world: ink_levels {cfg.ink_levels} need an integer mean")
-    if cfg.dot_count[1] > cfg.dot_grid[0] * cfg.dot_grid[1]:
-        raise ValueError(f"zoom world: dot_count {cfg.dot_count} exceeds the {cfg.dot_grid} dot positions")
-    if cfg.n_cards[1] > min(len(ZW_COLORS), cols * rows):
-        raise ValueError(f"zoom world: at most {min(len(ZW_COLORS), cols * rows)} cards per image "
-                         f"(one per colour and per cell)")
-    return Wd, Hd, r
-
-
-def _zw_place(cfg, box):
-    """The place phrase of the grid cell holding a card box: a 3x3 grid has all nine phrases,
-    a 2x2 grid the four corners."""
-    (c, r), (cols, rows) = _zw_cell(cfg, box), cfg.grid
-    return ZW_PLACES[r * 2 // (rows - 1) * 3 + c * 2 // (cols - 1)]
-
-
-def _zw_card_dims(cfg, r, big):
-    w, h = cfg.card_size
-    if big:
-        w, h = w * cfg.big_card_scale, h * cfg.big_card_scale
-    return int(math.ceil(w / r) * r), int(math.ceil(h / r) * r)
-
-
-def _zw_cell(cfg, box):
-    """(column, row) of the grid cell holding a card box (original px)."""
-    cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
-    return int((box[0] + box[2]) / 2 // cw), int((box[1] + box[3]) / 2 // ch)
-
-
-def _zw_cells_bbox(cfg, geom, c1, c2=None):
-    """The display bbox [x1, y1, x2, y2] of the grid cells from (col, row) c1 to c2 (inclusive)."""
-    Wd, Hd, _ = geom
-    cw, ch = Wd // cfg.grid[0], Hd // cfg.grid[1]
-    c2 = c1 if c2 is None else c2
-    return [c1[0] * cw, c1[1] * ch, (c2[0] + 1) * cw, (c2[1] + 1) * ch]
-
-
-def _zw_layout(rng, cfg, r, dims):
-    """Card boxes (x1, y1, x2, y2) for the given dims: distinct random cells, a random spot
-    (multiples of r) inside each, at least cell_margin from the cell's edges."""
-    cols, rows = cfg.grid
-    cw, ch = cfg.canvas_size[0] // cols, cfg.canvas_size[1] // rows
-    boxes = []
-    for k, (w, h) in zip(rng.permutation(cols * rows)[:len(dims)], dims):
-        x = (k % cols) * cw + int(rng.integers(cfg.cell_margin // r, (cw - w - cfg.cell_margin) // r + 1)) * r
-        y = (k // cols) * ch + int(rng.integers(cfg.cell_margin // r, (ch - h - cfg.cell_margin) // r + 1)) * r
-        boxes.append((x, y, x + w, y + h))
-    return boxes
-
-
-def _zw_mark_mask(cfg, r, kind, value, slots, label):
-    """Boolean mask (H, W) over the label box (lx1, ly1, lx2, ly2) of the mark's texture cells."""
-    lx1, ly1, lx2, ly2 = label
-    mask = np.zeros((ly2 - ly1, lx2 - lx1), bool)
-    if kind == "dots":
-        cols, rows = cfg.dot_grid
-        s, g = cfg.dot_size, cfg.dot_gap
-        x0 = ((lx2 - lx1) - (cols * s + (cols - 1) * g)) // 2 // r * r
-        y0 = ((ly2 - ly1) - (rows * s + (rows - 1) * g)) // 2 // r * r
-        for k in slots:
-            x, y = x0 + (k % cols) * (s + g), y0 + (k // cols) * (s + g)
-            mask[y:y + s, x:x + s] = True
-    else:
-        c = cfg.digit_cell
-        x0 = ((lx2 - lx1) - 3 * c) // 2 // r * r
-        y0 = ((ly2 - ly1) - 5 * c) // 2 // r * r
-        for i, row in enumerate(ZW_FONT[value]):
-            for j, ch in enumerate(row):
-                if ch == "#":
-                    mask[y0 + i * c:y0 + (i + 1) * c, x0 + j * c:x0 + (j + 1) * c] = True
-    return mask
-
-
-@functools.lru_cache(maxsize=4)
-def _zw_checker(W, H, cell, lo, hi):
-    """(H, W) uint8 checkerboard of `cell`-px squares, levels lo/hi, lo at (0, 0); cached, read-only."""
-    yy, xx = np.indices((H, W))
-    a = np.where((yy // cell + xx // cell) % 2 == 0, lo, hi).astype(np.uint8)
-    a.flags.writeable = False
-    return a
-
-
-def _zw_render(rng, cfg, r, cards):
-    """The image (PIL RGB) of one scene: background, clutter, then the cards with their marks."""
-    from PIL import ImageDraw
-    OW, OH = cfg.canvas_size
-    base = int(rng.integers(170, 216))
-    tint = rng.integers(-10, 11, 3)
-    img = Image.new("RGB", (OW, OH), tuple(int(v) for v in np.clip(base + tint, 0, 255)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(cfg.n_clutter[0], cfg.n_clutter[1] + 1))):
-        grey = base + int(rng.integers(-45, 46))
-        col = tuple(min(255, max(0, grey + int(v))) for v in rng.integers(-12, 13, 3))  # muted: never a card colour
-        w, h = (int(v) for v in rng.integers(cfg.clutter_size[0], cfg.clutter_size[1] + 1, 2))
-        x, y = int(rng.integers(-w // 2, OW)), int(rng.integers(-h // 2, OH))
-        shape = int(rng.integers(3))
-        if shape == 0:
-            draw.rectangle([x, y, x + w, y + h], fill=col)
-        elif shape == 1:
-            draw.ellipse([x, y, x + w, y + h], fill=col)
-        else:
-            draw.line([x, y, x + w, y + h * int(rng.choice([-1, 1]))], fill=col, width=int(rng.integers(1, 4)))
-    a = np.array(img)
-    lo, hi = cfg.ink_levels
-    checker = _zw_checker(OW, OH, r // 2, lo, hi)
-    b = cfg.card_border
-    for card in cards:
-        x1, y1, x2, y2 = card["box"]
-        a[y1:y2, x1:x2] = ZW_COLORS[card["color"]]
-        label = (x1 + b, y1 + b, x2 - b, y2 - b)
-        a[label[1]:label[3], label[0]:label[2]] = (lo + hi) // 2
-        m = _zw_mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
-        sub = a[label[1]:label[3], label[0]:label[2]]
-        sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
-    return Image.fromarray(a)
-
-
-def _zw_scene(rng, cfg, r, kind, colors_needed, values, big=None):
-    """Cards of one image: the colours in colors_needed carry the given values (mark values),
-    plus distractors with random colours and values. big: colour of the one large card
-    (None: a random card is large with probability big_card_share). Returns the card list."""
-    n = max(len(colors_needed), int(rng.integers(cfg.n_cards[0], cfg.n_cards[1] + 1)))
-    others = [c for c in ZW_COLORS if c not in colors_needed]
-    colors = list(colors_needed) + [others[i] for i in rng.permutation(len(others))[:n - len(colors_needed)]]
-    if big is None and rng.random() < cfg.big_card_share:
-        big = colors[int(rng.integers(len(colors)))]
-    cards = []
-    for c in colors:
-        v = values.get(c)
-        if v is None:
-            lo, hi = cfg.dot_count if kind == "dots" else (1, 9)
-            v = int(rng.integers(lo, hi + 1))
-        card = {"color": c, "kind": kind, "value": v, "big": c == big}
-        if kind == "dots":
-            card["slots"] = sorted(int(s) for s in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:v])
-        cards.append(card)
-    boxes = _zw_layout(rng, cfg, r, [_zw_card_dims(cfg, r, c["big"]) for c in cards])
-    for card, box in zip(cards, boxes):  # cells are random already
-        card["box"] = box
-    return cards
-
-
-def _zw_crop_display(orig_size, parent_region, parent_display, bbox, budget):
-    """(region, display size) of the crop a tool call would make: crop_size then smart_resize,
-    exactly as Context.zoom computes it."""
-    region = map_bbox(parent_region, parent_display, bbox)
-    w, h = crop_size(orig_size, parent_region, parent_display, region)
-    H, W = smart_resize(h, w, FACTOR, budget.min_pixels, budget.for_crops())
-    return region, (W, H)
-
-
-def _zw_in(box, region, display):
-    """A box normalised in the original -> float box in the display px of `region`."""
-    rx1, ry1, rx2, ry2 = region
-    W, H = display
-    return ((box[0] - rx1) / (rx2 - rx1) * W, (box[1] - ry1) / (ry2 - ry1) * H,
-            (box[2] - rx1) / (rx2 - rx1) * W, (box[3] - ry1) / (ry2 - ry1) * H)
-
-
-def _zw_options(rng, answer, pool):
-    """Four options (the answer and three others of pool), sorted; returns (options, letter)."""
-    others = [p for p in pool if p != answer]
-    chosen = sorted([answer] + [others[i] for i in rng.permutation(len(others))[:3]])
-    return [f"{chr(65 + i)}. {v}" for i, v in enumerate(chosen)], chr(65 + chosen.index(answer))
-
-
-def _zw_sample(rng, cfg, geom, budget, spec, name):
-    """One record and its images (name_j.png) from a spec (category, mc, crop_of_crop)."""
-    Wd, Hd, r = geom
-    OW, OH = cfg.canvas_size
-    category, mc, zoom2, direct = spec
-    zoom2 = zoom2 and not direct
-    kind = str(cfg.mark_kinds[int(rng.integers(len(cfg.mark_kinds)))])
-    color = list(ZW_COLORS)[int(rng.integers(len(ZW_COLORS)))]
-    words = dict(_ZW_KIND[kind], color=color)
-    pool = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
-    norm = lambda b: [b[0] / OW, b[1] / OH, b[2] / OW, b[3] / OH]  # noqa: E731
-    steps, options = [], None
-    if category == "multi":
-        n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
-        values = [pool[i] for i in rng.permutation(len(pool))[:n_img]]  # distinct: "which image" is unique
-        scenes = [_zw_scene(rng, cfg, r, kind, [color], {color: v}) for v in values]
-    elif category == "single":
-        value = pool[int(rng.integers(len(pool)))]
-        scenes = [_zw_scene(rng, cfg, r, kind, [color], {color: value})]
-    else:
-        task = "largest" if mc else "cards"
-        big = color if task == "largest" else None
-        scenes = [_zw_scene(rng, cfg, r, kind, [color], {}, big=big)]
-    images = [_zw_render(rng, cfg, r, cards) for cards in scenes]
-    targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
-    target_boxes = [norm(t["box"]) for t in targets]
-
-    if category == "text-only":
-        cards = scenes[0]
-        if mc:
-            present = [c["color"] for c in cards if c["color"] != color]  # distractors: other cards' colours first
-            rest = [c for c in ZW_COLORS if c != color and c not in present]
-            cand = [present[i] for i in rng.permutation(len(present))] + [rest[i] for i in rng.permutation(len(rest))]
-            picks = [color] + cand[:3]
-            picks = [picks[i] for i in rng.permutation(4)]
-            options = [f"{chr(65 + i)}. {c}" for i, c in enumerate(picks)]
-            answer, question = chr(65 + picks.index(color)), ZW_TEXT["q_largest"]
-            think = ZW_TEXT["t_largest"].format(place=_zw_place(cfg, targets[0]["box"]), color=color)
-            think += ZW_TEXT["t_option"].format(letter=answer)
-            task = "largest-color"
-        else:
-            answer, question, task = str(len(cards)), ZW_TEXT["q_cards"], "count-cards"
-            think, target_boxes = ZW_TEXT["t_cards"].format(value=len(cards)), [None]
-        steps.append({"think": think, "answer": answer})
-    elif category == "single":
-        t = targets[0]
-        cell = _zw_cell(cfg, t["box"])
-        if zoom2:  # a block of 2x2 cells holding the card's cell first, then that cell inside the crop
-            c1 = tuple(min(max(0, c - int(rng.integers(2))), n - 2) for c, n in zip(cell, cfg.grid))
-            b1 = _zw_cells_bbox(cfg, geom, c1, (c1[0] + 1, c1[1] + 1))
-            region1, display1 = _zw_crop_display((OW, OH), (0, 0, 1, 1), (Wd, Hd), b1, budget)
-            cell_box = _zw_cells_bbox(cfg, geom, cell)
-            b2 = [round(v) for v in _zw_in([cell_box[0] / Wd, cell_box[1] / Hd, cell_box[2] / Wd, cell_box[3] / Hd],
-                                           region1, display1)]
-            steps.append({"think": ZW_TEXT["t_find"].format(place=_zw_place(cfg, t["box"]), index=0, **words),
-                          "tool": {"region": [{"index": 0, "bbox_2d": b1}],
-                                   "query": ZW_TEXT["query_find"].format(**words)}})
-            steps.append({"think": ZW_TEXT["t_refine"].format(k=1, **words),
-                          "tool": {"region": [{"index": 1, "bbox_2d": b2}],
-                                   "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
-        else:
-            b = _zw_cells_bbox(cfg, geom, cell)
-            steps.append({"think": ZW_TEXT["t_zoom"].format(place=_zw_place(cfg, t["box"]), index=0, **words),
-                          "tool": {"region": [{"index": 0, "bbox_2d": b}],
-                                   "query": ZW_TEXT[f"query_{kind}"].format(**words)}})
-        k = len(steps)  # the last crop's index
-        question = ZW_TEXT[f"q_{kind}"].format(**words)
-        think = ZW_TEXT[f"t_read_{kind}"].format(k=k, value=t["value"], **words)
-        answer = str(t["value"])
-        if mc:
-            options, answer = _zw_options(rng, t["value"], pool)
-            think += ZW_TEXT["t_option"].format(letter=answer)
-        steps.append({"think": think, "answer": answer})
-        task = ("count-dots" if kind == "dots" else "read-digit") + ("-zoom2" if zoom2 else "")
-    else:
-        n_img = len(scenes)
-        regions = [{"index": i, "bbox_2d": _zw_cells_bbox(cfg, geom, _zw_cell(cfg, t["box"]))}
-                   for i, t in enumerate(targets)]
-        places = ", ".join(ZW_TEXT["t_place"].format(place=_zw_place(cfg, t["box"]), index=i)
-                           for i, t in enumerate(targets))
-        steps.append({"think": ZW_TEXT["t_multi"].format(n=n_img, places=places, **words),
-                      "tool": {"region": regions, "query": ZW_TEXT[f"query_multi_{kind}"].format(**words)}})
-        listing = ", ".join(ZW_TEXT[f"t_list_{kind}"].format(index=i, value=t["value"]) for i, t in enumerate(targets))
-        think = ZW_TEXT["t_multi_read"].format(listing=listing, **words)
-        if mc:
-            j = int(rng.integers(n_img))
-            v = targets[j]["value"]
-            question = ZW_TEXT[f"q_which_{kind}"].format(value=v, **words)
-            options = [f"{chr(65 + i)}. Image {i}" for i in range(n_img)]
-            answer = chr(65 + j)
-            think += " " + ZW_TEXT["t_which"].format(target=f"{v} dots" if kind == "dots" else f"the digit {v}",
-                                                     index=j, **words)
-            think += ZW_TEXT["t_option"].format(letter=answer)
-            task = "which-image"
-        else:
-            total = sum(t["value"] for t in targets)
-            question = ZW_TEXT[f"q_total_{kind}"].format(**words)
-            answer = str(total)
-            think += " " + ZW_TEXT["t_total"].format(expr=" + ".join(str(t["value"]) for t in targets), value=total)
-            task = "total"
-        steps.append({"think": think, "answer": answer})
-    if direct and category != "text-only":  # no tool: the same question, answered with a guess
-        if category == "single":
-            think = ZW_TEXT["t_guess"].format(place=_zw_place(cfg, targets[0]["box"]), index=0, **words)
-        else:
-            think = ZW_TEXT["t_guess_multi"].format(n=len(scenes), places=places, **words)
-        steps = [{"think": think + (ZW_TEXT["t_option"].format(letter=answer) if mc else ""), "answer": answer}]
-
-    paths = [f"images/{name}_{j}.png" for j in range(len(images))]
-    rec = {"id": name, "images": paths, "question": question, "options": options,
-           "problem_type": "multiple choice" if options else "numerical", "answer": answer,
-           "max_pixels": cfg.display_max_pixels, "max_tool_calls": cfg.max_tool_calls,
-           "category": category, "task": task, "mark": kind, "target_boxes": target_boxes, "steps": steps,
-           "scene": [[{"color": c["color"], "box": norm(c["box"]), "value": c["value"]} for c in cards]
-                     for cards in scenes]}  # the mined knowledge: every card of every image
-    if direct:
-        rec.update(mode="direct", max_tool_calls=0)
-    else:
-        rec.update(system=ZW_SYSTEM, prompt=zoom_world_user(len(images), (Wd, Hd), format_question(question, options)))
-    return rec, images
-
-
-def _zw_specs(rng, cfg, n, share_direct=0.0):
-    """(category, multiple choice?, crop of crop?, direct?) for n samples, the shares met as
-    closely as n allows, in random order."""
-    n_text = round(cfg.share_text_only * n)
-    n_multi = round(cfg.share_multi * (n - n_text))
-    n_single = n - n_text - n_multi
-    n_zoom2 = round(cfg.share_crop_of_crop * n_single)
-    specs = []
-    for cat, m in (("text-only", n_text), ("multi", n_multi), ("single", n_single)):
-        n_mc = round(cfg.share_mc * m)
-        mcs = [k < n_mc for k in range(m)]
-        mcs = [mcs[i] for i in rng.permutation(m)]  # independent of the crop-of-crop flag
-        specs += [(cat, bool(mcs[k]), cat == "single" and k < n_zoom2) for k in range(m)]
-    direct = rng.permutation(n) < round(share_direct * n)  # any category
-    return [specs[i] + (bool(d),) for i, d in zip(rng.permutation(n), direct)]
-
-
-def zoom_world_budget(cfg=ZoomWorldConfig()):
-    """The Budget the zoom world's images are made for: its display budget for originals."""
-    return Budget(max_pixels=cfg.display_max_pixels, crop_max_pixels=cfg.crop_max_pixels, min_pixels=cfg.min_pixels)
-
-
-def read_budget(meta_path):
-    """The Budget written by make_zoom_world to meta.json (a path to the file or its folder)."""
-    if os.path.isdir(meta_path):
-        meta_path = os.path.join(meta_path, "meta.json")
-    with open(meta_path) as f:
-        return Budget(**json.load(f)["budget"])
-
-
-def make_zoom_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=None):
-    """Write the zoom world: out_dir/images/*.png, train.jsonl (gold trajectories), eval.jsonl
-    (the same schema, gold steps included for inspection). Every record also has `category`
-    ("single", "multi", "text-only"), `task`, `mark` ("dots"/"digit"), `target_boxes` (per
-    original image the target card's box normalised to the original, null where there is
-    none), `scene` (every card: colour, normalised box, mark value) and `max_pixels` (the
-    display budget of its originals); chat records carry their `system` prompt and user turn
-    (`prompt`), and a share_direct of the train split is `"mode": "direct"`. meta.json holds
-    the Budget (read_budget), the config
-    and the counts per task. Image paths in the records are relative to out_dir (the image root).
-    Deterministic for a seed (None: cfg.seed); sample i of a split does not depend on how many
-    samples are made. Returns {"train", "eval", "meta", "image_root", "budget"}."""
-    from dataclasses import asdict
-    seed = cfg.seed if seed is None else seed
-    geom = _zw_geometry(cfg)
-    budget = zoom_world_budget(cfg)
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    paths, counts = {}, {}
-    for split_id, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
-        specs = _zw_specs(np.random.default_rng([seed, split_id]), cfg, n, cfg.share_direct if split == "train" else 0)
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        counts[split] = {}
-        with open(paths[split], "w") as f:
-            for i, spec in enumerate(specs):
-                rec, images = _zw_sample(np.random.default_rng([seed, split_id, i]), cfg, geom, budget, spec,
-                                         f"{split}_{i:05d}")
-                for p, img in zip(rec["images"], images):
-                    img.save(os.path.join(out_dir, p), compress_level=1)
-                f.write(json.dumps(rec) + "\n")
-                counts[split][rec["task"]] = counts[split].get(rec["task"], 0) + 1
-    meta = {"task": "zoom world", "budget": asdict(budget), "display_size": list(geom[:2]), "seed": seed,
-            "n_train": n_train, "n_eval": n_eval, "counts": counts, "config": asdict(cfg)}
-    paths["meta"] = os.path.join(out_dir, "meta.json")
-    with open(paths["meta"], "w") as f:
-        json.dump(meta, f, indent=1)
-    return dict(paths, image_root=out_dir, budget=budget)
-
-
-# -----------------------------------------------------------------------------
 # CLI: show one record as the model sees it
 
 
-def show_record(path, index, image_root, ct, out_dir, budget=None):
+def show_record(path, index, image_root, ct, out_dir, budget=Budget()):
     """Render record `index` of a JSONL file like SFT does and write out_dir/trajectory.txt (the
-    token sequence as text, image-pad runs shortened to one marker with their count) and
-    out_dir/image_K.png for every image K of the trajectory at the size the encoder gets it
-    (originals at their display size, crops cut by the crop rule). Returns the text."""
+    token sequence as text, image-pad runs shortened to one marker with their count),
+    out_dir/images.txt and out_dir/image_K.png for every image K of the trajectory at the size
+    the encoder gets it (originals at their display size, crops cut by the crop rule).
+    Returns (text, one line per image, sequence length, trained tokens)."""
     rows, _ = read_jsonl(path, image_root=image_root, need_steps=True, need_answer=False)
     where, rec = rows[index]
-    budget = budget or (read_budget(image_root) if os.path.exists(os.path.join(image_root, "meta.json")) else Budget())
     s = render_sample(rec, where, image_root, ct, budget)
     ctx = s["context"]
     os.makedirs(out_dir, exist_ok=True)
@@ -1526,10 +1010,10 @@ def show_record(path, index, image_root, ct, out_dir, budget=None):
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Show one trajectory record as the model sees it (text + images)")
-    ap.add_argument("records", help="a JSONL file of our schema, e.g. out/zoom/train.jsonl")
+    ap.add_argument("records", help="a JSONL file of our schema, e.g. the zoom world's out/zoom/train.jsonl")
     ap.add_argument("--index", type=int, default=0, help="which record (0-based, default 0)")
     ap.add_argument("--image-root", help="default: the records' folder")
-    ap.add_argument("--model", default="out/tiny-base", help="model folder whose tokenizers render the text")
+    ap.add_argument("--model", required=True, help="model folder whose tokenizers render the text (e.g. out/tiny-base)")
     ap.add_argument("--out", default="out/example", help="folder for trajectory.txt, images.txt, image_K.png")
     a = ap.parse_args()
     root = a.image_root or os.path.dirname(os.path.abspath(a.records))

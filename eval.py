@@ -7,10 +7,9 @@ sweep (paper Table 3 / Figure 4) and vision-encoder attention maps (section 4.5.
     python eval.py --score out/eval/hrbench4k.jsonl --bench ../shared/benchmarks/HRBench4K.json
     python eval.py --model ... --bench .../HRBench4K.json --image-root ... --sweep 1024,2048,4096,8192
     python eval.py --attn-map --model ... --image photo.jpg --query "the text on the blue sign" --out map.png
-    python eval.py                     # CPU demo: the results table of the zoom-world pipeline (README)
 
 Benchmarks: the authors' JSON lists (../shared/benchmarks/) or our own JSONL records (e.g. the
-zoom world of data.py, `--bench out/zoom/eval.jsonl`); the format is told by the extension.
+zoom world's `--bench out/zoom/eval.jsonl`); the format is told by the extension.
 Image paths are relative to --image-root (default: the benchmark file's folder).
 
 Modes (--mode), i.e. the paradigms of the paper's Tables 1-2, from one script:
@@ -67,7 +66,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import rollout
-from reward import extract_answer, format_ok, mc_letter, mra_vsibench, parse_turn, to_number
+from reward import extract_answer, mc_letter, mra_vsibench, parse_turn, to_number
 
 # -----------------------------------------------------------------------------
 # benchmarks: names, paper numbers, tool limits, aggregation
@@ -271,23 +270,6 @@ def make_prompt(q, images, mode, t_max, max_pixels=None):
     user = text if "<image>" in text else "<image>" * len(images) + text
     return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
                           user=user)
-
-
-def make_budget(bench, tokens, sweep=False):
-    """The visual budget of a run (SPEC 3): `tokens` shared by a question's images, each crop
-    capped at the full budget. A folder with a meta.json holding a budget (data.make_zoom_world
-    writes one) gets that budget, as its records were made for it; a sweep varies the total
-    and so drops any fixed per-image / per-crop size."""
-    meta = os.path.join(os.path.dirname(os.path.abspath(bench)), "meta.json")
-    budget = data.Budget()
-    if os.path.exists(meta):
-        with open(meta) as f:
-            if "budget" in json.load(f):
-                budget = data.read_budget(meta)
-    budget.total_tokens = tokens
-    if sweep:
-        budget.max_pixels = budget.crop_max_pixels = None
-    return budget
 
 
 # -----------------------------------------------------------------------------
@@ -860,7 +842,7 @@ def cmd_run(args):
         for mode in modes:
             o = out if len(budgets) * len(modes) == 1 else f"{stem}.{mode}.tok{tokens}{ext}"
             s = run_bench(args, model, ct, questions, name, o, mode, tokens, rank, world,
-                          make_budget(bench, tokens, bool(args.sweep)))
+                          data.Budget(total_tokens=tokens))  # each crop capped at the whole budget
             if s is not None:
                 summaries[(mode, tokens)] = s
                 md = markdown([s], title=f"Results: {name}, mode {mode}, {tokens} visual tokens")
@@ -869,113 +851,6 @@ def cmd_run(args):
     if args.sweep and len(summaries) == len(budgets) * len(modes):
         sweep_report(name, summaries, stem, os.path.basename(os.path.normpath(args.model)))
     return summaries
-
-
-# -----------------------------------------------------------------------------
-# the CPU demo (README "The demo"): a miniature of the paper's Table 2 on the zoom world
-
-# name, pipeline stage (sft.demo_dir), vanilla-encoder pipeline?, mode, inquiry at re-encoding
-DEMO_ROWS = (("direct", "sft", False, "direct", True),  # the SFT model answering directly (no tools)
-             ("chat", "sft", False, "chat", True),  # the SFT model chatting with images
-             ("grpo", "grpo", False, "chat", True),  # after GRPO
-             ("vanilla", "grpo", True, "chat", True),  # the same SFT + GRPO with the vanilla encoder
-             ("no_inquiry", "grpo", False, "chat", False))  # after GRPO, the query blanked at re-encoding
-DEMO_COLUMNS = (("accuracy", "Acc (MC)"), ("mra", "MRA (num.)"), ("score", "All"), ("format_rate", "Format"),
-                ("tool_calls", "Tools/q"), ("box_hit_rate", "Box hit"), ("accuracy_multi_image", "Acc multi-img"))
-
-
-def covers(region, box, eps=1e-6):
-    """A normalised region (x1, y1, x2, y2) holds all of box."""
-    return (region[0] <= box[0] + eps and region[1] <= box[1] + eps and region[2] >= box[2] - eps
-            and region[3] >= box[3] - eps)
-
-
-def demo_metrics(questions, lines):
-    """The demo table's columns of one run, from its results lines and the zoom world's records
-    (q["meta"]: category, target_boxes). In percent: accuracy (MC questions), mra (numerical
-    questions, the benchmark MRA), score (all questions), format_rate (R_format, SPEC 5),
-    box_hit_rate (boxes of valid tool calls whose crop holds its image's target card; boxes on
-    images without a target are not counted) and accuracy_multi_image (multi-image questions
-    answered exactly right, MC or numerical). tool_calls: tool calls per question, valid or not.
-    A failed question scores 0, has no valid format and no tool calls."""
-    mc, num, fmt, calls, multi, boxes = [], [], [], [], [], []
-    for q in questions:
-        line = lines[str(q["qid"])]
-        ok = line.get("error") is None
-        s = score_answer(final_answer(line["response"], line["mode"]), q)[0] if ok else 0.0
-        (mc if q["kind"] == "mc" else num).append(s)
-        if q["meta"].get("category") == "multi":
-            multi.append(s == 1.0)
-        if not ok:
-            fmt.append(False), calls.append(0)
-            continue
-        sizes = [tuple(x) for x in line["image_sizes"]] + [tuple(c["size"]) for c in line["crops"]]
-        fmt.append(format_ok(line["turns"], sizes)[0])
-        calls.append(line["n_tool_calls"])
-        sources = list(range(len(line["image_sizes"])))  # the original each image is cut from
-        for c in line["crops"]:
-            sources.append(sources[c["index"]])
-            target = q["meta"]["target_boxes"][sources[-1]]
-            if target is not None:
-                boxes.append(covers(c["region"], target))
-    pct = lambda v: 100 * statistics.fmean(v) if v else None  # noqa: E731
-    return dict(n=len(questions), accuracy=pct(mc), mra=pct(num), score=pct(mc + num), format_rate=pct(fmt),
-                tool_calls=statistics.fmean(calls), box_hit_rate=pct(boxes), accuracy_multi_image=pct(multi),
-                n_boxes=len(boxes), n_multi_image=len(multi))
-
-
-def demo_table(rows):
-    head = "| Row | " + " | ".join(t for _, t in DEMO_COLUMNS) + " | Questions |"
-    out = [head, "|" + "---|" * (len(DEMO_COLUMNS) + 2)]
-    for r in rows:
-        cells = [f"{r[k]:.2f}" if k == "tool_calls" else _fmt(r[k]) for k, _ in DEMO_COLUMNS]
-        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n']} |")
-    return "\n".join(out) + "\n"
-
-
-def cmd_demo(args):
-    """`python eval.py` (no --model, no --bench): every row of DEMO_ROWS on the zoom world's
-    held-out split -> out/demo/<row>.jsonl, results.json (a list of rows: name + the columns of
-    demo_metrics + what was run) and results.md. A row's results file older than its checkpoint
-    is stale (a re-trained stage) and is redone; a newer one is resumed."""
-    from sft import demo_dir, latest_checkpoint
-    zoom = demo_dir("zoom", args.smoke)
-    bench = os.path.join(zoom, "eval.jsonl")
-    if not os.path.exists(bench):
-        raise SystemExit(f"{bench} not found: run the demo's `python sft.py` first (README, The demo)")
-    out_dir = demo_dir("demo", args.smoke)
-    args.image_root = zoom
-    questions = load_bench(bench, args.max_frames)
-    if args.limit is not None:
-        questions = questions[:args.limit]
-    budget = make_budget(bench, args.max_visual_tokens)
-    # Greedy decoding, unlike the paper's benchmark runs (T 0.75, top-p 0.9): a model of a few
-    # million parameters trained for minutes is brittle under sampling (a stray digit breaks a
-    # box), and greedy makes the table reproducible to the digit.
-    args.greedy = True
-    rows, models = [], {}  # checkpoint -> (model, ChatTokenizer): two rows share each of sft and grpo
-    for name, stage, vanilla, mode, inquiry in DEMO_ROWS:
-        ckpt = latest_checkpoint(demo_dir(stage, args.smoke, vanilla))
-        if ckpt is None:
-            flags = " --vanilla" * vanilla + " --smoke" * args.smoke
-            raise SystemExit(f"row {name}: no checkpoint in {demo_dir(stage, args.smoke, vanilla)}: "
-                             f"run `python {stage}.py{flags}` first")
-        out = os.path.join(out_dir, f"{name}.jsonl")
-        if os.path.exists(out) and os.path.getmtime(out) < os.path.getmtime(os.path.join(ckpt, "config.json")):
-            os.remove(out)
-        args.model, args.no_inquiry = ckpt, not inquiry
-        if ckpt not in models:
-            models[ckpt] = load_model(args)
-        model, ct = models[ckpt]
-        run_bench(args, model, ct, questions, bench_name(bench), out, mode, args.max_visual_tokens, 0, 1, budget)
-        lines, _ = read_results(results_files(out))
-        rows.append(dict(name=name, **demo_metrics(questions, lines), checkpoint=os.path.abspath(ckpt), mode=mode,
-                         inquiry=inquiry, decoding="greedy"))
-    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(rows, indent=1) + "\n")
-    md = demo_table(rows)
-    write_atomic(os.path.join(out_dir, "results.md"), md)
-    print("\n" + md + f"\nwrote {os.path.join(out_dir, 'results.json')}")
-    return rows
 
 
 def build_parser():
@@ -1001,10 +876,11 @@ def build_parser():
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--seed", type=int, default=0)
     # limits
-    p.add_argument("--batch-size", type=int, help="questions decoded together per rank (default 8; demo 16)")
-    p.add_argument("--max-turn-tokens", type=int, help="generated tokens per assistant turn (default 1024; demo 256)")
-    p.add_argument("--max-new-tokens", type=int, help="generated tokens per question (default 8192; demo 768)")
-    p.add_argument("--max-context", type=int, help="KV-cache slots per question (default 32768; demo 4096)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together per rank (default 8)")
+    p.add_argument("--max-turn-tokens", type=int, default=1024, help="generated tokens per assistant turn "
+                                                                      "(default 1024)")
+    p.add_argument("--max-new-tokens", type=int, default=8192, help="generated tokens per question (default 8192)")
+    p.add_argument("--max-context", type=int, default=32768, help="KV-cache slots per question (default 32768)")
     p.add_argument("--max-images", type=int, default=52, help="visual inputs per trajectory (paper: 52)")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
@@ -1013,30 +889,13 @@ def build_parser():
     p.add_argument("--attn-map", action="store_true", help="draw the last vision layer's attention (needs --image)")
     p.add_argument("--image", help="--attn-map: the image")
     p.add_argument("--query", default="", help="--attn-map: the inquiry")
-    p.add_argument("--smoke", action="store_true", help="the demo (no --model/--bench) on its --smoke pipeline, "
-                                                        "short answers (CI)")
     return p
-
-
-# limits of a benchmark run (7B, paper scale), of the CPU demo, and of its --smoke variant
-RUN_DEFAULTS = dict(batch_size=8, max_turn_tokens=1024, max_new_tokens=8192, max_context=32768)
-DEMO_DEFAULTS = dict(batch_size=16, max_turn_tokens=256, max_new_tokens=768, max_context=4096)
-SMOKE_DEFAULTS = dict(batch_size=8, max_turn_tokens=32, max_new_tokens=64, max_context=4096)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    demo = not (args.score or args.model or args.bench or args.attn_map)
-    if args.smoke and not demo:
-        raise SystemExit("--smoke is a demo flag: it goes without --model, --bench, --score, --attn-map")
-    for k, v in (SMOKE_DEFAULTS if args.smoke else DEMO_DEFAULTS if demo else RUN_DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.score:
         return cmd_score(args)
-    if demo:
-        with torch.no_grad():
-            return cmd_demo(args)
     if not args.model:
         raise SystemExit("--model is required (except with --score)")
     if args.attn_map and not args.image:

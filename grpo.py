@@ -1,9 +1,9 @@
 """
 GRPO for ViLaVT (paper section 3.4, Eq. 5-6): clip 0.2/0.3, no KL term, no reference model.
 
-    python grpo.py                     # CPU demo: continue out/sft/latest on the zoom world
+    torchrun --nproc_per_node 8 grpo.py --model out/sft/latest --data rl.jsonl --image-root DIR
+    ... same command + --resume                  # continue out_dir/latest exactly
     python grpo.py --plot out/grpo/log.jsonl     # training-dynamics curves (paper Figure 9)
-    torchrun --nproc_per_node 8 grpo.py --model SFT_CKPT --data rl.jsonl --image-root DIR
 
 One step (paper defaults 96 prompts x G=4):
   1. each rank rolls out its share of the prompts on full weights (FSDP2 units are all-gathered
@@ -15,7 +15,7 @@ One step (paper defaults 96 prompts x G=4):
      sampler's numbers);
   6. runs the Eq. 6 updates: ratio clipped to [1-0.2, 1+0.3], no KL, no reference model; the
      loss mask is the policy-token mask (observations, image pads, role headers get no loss).
-Checkpoints, resume and the distributed setup are sft.py's (same layout, same atomic writes).
+Checkpoints, resume and the distributed setup are training.py's, as for sft.py.
 """
 
 import argparse
@@ -33,8 +33,8 @@ import data
 import reward
 import rollout
 from model import config_to_hf
-from sft import (build_model, demo_dir, dist_setup, dist_teardown, latest_checkpoint, make_optimizer, print0,
-                 resolve_checkpoint, restore, save, start_point, warn)
+from training import (build_model, dist_setup, dist_teardown, make_optimizer, open_log, print0, resolve_checkpoint,
+                      restore, save, start_point, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -205,28 +205,25 @@ def update(model, opt, params, batch, args, device):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ViLaVT GRPO (paper Eq. 6; clip 0.2/0.3, no KL). With no --model: "
-                                             "continue the tiny demo's SFT checkpoint (out/sft/latest) on CPU.",
+    ap = argparse.ArgumentParser(description="ViLaVT GRPO (paper Eq. 6; clip 0.2/0.3, no KL)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = ap.add_argument
-    a("--model", default=None, help="SFT checkpoint folder (self-contained: tokenizers inside); "
-                                    "default: out/sft/latest")
-    a("--data", default=None, help="RL prompts JSONL (native schema with answer/problem_type); "
-                                   "default: out/zoom/train.jsonl")
+    a("--model", help="SFT checkpoint folder (self-contained: tokenizers inside), or a run's `latest`")
+    a("--data", help="RL prompts JSONL (our schema, with answer and problem_type)")
     a("--image-root", default=None, help="folder of the records' image paths; default: --data's folder")
-    a("--out-dir", default=None, help="default: out/grpo (the demo: see --vanilla, --smoke)")
+    a("--out-dir", default="out/grpo")
     a("--resume", action="store_true", help="continue out_dir/latest exactly")
     a("--skip-bad", action="store_true")
     a("--plot", default=None, metavar="LOG", help="only draw the training curves of LOG (a log.jsonl) to a PNG")
     # the rollout batch (paper: 96 prompts x 4)
-    a("--steps", type=int, default=None, help="policy steps (release: 1200; tiny demo: 30)")
+    a("--steps", type=int, default=1200, help="policy steps (release)")
     a("--stop-at-step", type=int, default=-1, help="stop after this step as if killed (schedule unchanged)")
-    a("--prompts-per-step", type=int, default=None, help="prompts per step over all ranks (paper 96; tiny: 8)")
-    a("--group-size", type=int, default=None, help="G rollouts per prompt (paper 4; the demo too)")
+    a("--prompts-per-step", type=int, default=96, help="prompts per step over all ranks (paper)")
+    a("--group-size", type=int, default=4, help="G rollouts per prompt (paper)")
     a("--max-tool-calls", type=int, default=5, help="T_max for records without max_tool_calls (5 general, 10 spatial)")
-    a("--max-turn-tokens", type=int, default=None, help="policy tokens per turn (7B 1024; tiny 256)")
-    a("--max-new-tokens", type=int, default=None, help="policy tokens per trajectory (7B 4096; tiny 512)")
-    a("--max-context", type=int, default=None, help="KV-cache slots per rollout row (7B 16384; tiny 4096)")
+    a("--max-turn-tokens", type=int, default=1024, help="policy tokens per turn")
+    a("--max-new-tokens", type=int, default=4096, help="policy tokens per trajectory")
+    a("--max-context", type=int, default=16384, help="KV-cache slots per rollout row")
     a("--temperature", type=float, default=1.0, help="sampling temperature (release trained at 1.0; paper 0.75)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling (paper 0.9)")
     a("--total-visual-tokens", type=int, default=8192)
@@ -239,35 +236,19 @@ def parse_args(argv=None):
       help="token-mean over all masked tokens, or mean over trajectories of their token means (release option)")
     a("--mini-batches", type=int, default=1, help="optimizer steps per epoch over one rollout batch")
     a("--update-epochs", type=int, default=1, help="passes over one rollout batch")
-    a("--lr", type=float, default=None, help="constant AdamW lr (release 1e-6; tiny demo 5e-5)")
+    a("--lr", type=float, default=1e-6, help="constant AdamW lr (release)")
     a("--weight-decay", type=float, default=1e-2)
     a("--grad-clip", type=float, default=1.0)
     a("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
       help="freeze the whole ViT incl. instruct projections and text_proj (the release froze it in RL)")
-    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    a("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     a("--seed", type=int, default=0, help="prompt order and sampling")
     a("--save-every", type=int, default=50)
     a("--dump-every", type=int, default=10, help="write decoded trajectories every N steps (0: never)")
     a("--bench", action="store_true", help="time a few steps (rollout / old-logp / update split), write nothing")
-    # the CPU demo's variants (no --model; as sft.py's)
-    a("--vanilla", action="store_true", help="demo: continue out/sft-vanilla (the vanilla-encoder pipeline) "
-                                             "into out/grpo-vanilla")
-    a("--smoke", action="store_true", help="demo: a few tiny steps under out/smoke/ (CI)")
     args = ap.parse_args(argv)
-    tiny = args.model is None
-    if not tiny and (args.vanilla or args.smoke):
-        ap.error("--vanilla and --smoke are demo flags: they do not go with --model")
-    if args.smoke:  # each unset size at its smallest useful value
-        for k, v in (("steps", 2), ("prompts_per_step", 2), ("group_size", 2), ("max_turn_tokens", 32),
-                     ("max_new_tokens", 64)):
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    for k, big, small in (("steps", 1200, 30), ("prompts_per_step", 96, 8), ("group_size", 4, 4),
-                          ("max_turn_tokens", 1024, 256), ("max_new_tokens", 4096, 512), ("max_context", 16384, 4096),
-                          ("lr", 1e-6, 5e-5),
-                          ("activation_checkpointing", True, False)):
-        if getattr(args, k) is None:
-            setattr(args, k, small if tiny else big)
+    if args.plot is None and (args.model is None or args.data is None):
+        ap.error("--model and --data are required (except with --plot)")
     args.train_text_proj = not args.freeze_vision  # text_proj belongs to the vision side (see sft.build_model)
     return args
 
@@ -296,18 +277,7 @@ def train(args, rank, world, device):
     P, G = args.prompts_per_step, args.group_size
     if P % world:
         raise SystemExit(f"--prompts-per-step {P} is not a multiple of the world size {world}")
-    model_dir = resolve_checkpoint(args.model) if args.model else None
-    if model_dir is None:  # the tiny demo continues the demo's SFT run
-        sft_dir = demo_dir("sft", args.smoke, args.vanilla)
-        model_dir = latest_checkpoint(sft_dir)
-        if model_dir is None:
-            flags = " --vanilla" * args.vanilla + " --smoke" * args.smoke
-            raise SystemExit(f"no SFT checkpoint in {sft_dir}: run `python sft.py{flags}` first (or pass --model)")
-        if args.data is None:
-            args.data = os.path.join(demo_dir("zoom", args.smoke), "train.jsonl")
-    args.out_dir = args.out_dir or (demo_dir("grpo", args.smoke, args.vanilla) if args.model is None else "out/grpo")
-    if args.data is None:
-        raise SystemExit("--data is required with --model")
+    model_dir = resolve_checkpoint(args.model)
     args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     ckpt, meta, init_from = start_point(args, RESUME_KEYS, model_dir)  # init_from: the SFT model
     if ckpt is not None:
@@ -316,9 +286,8 @@ def train(args, rank, world, device):
     # ---- model, tokenizers, prompts, optimizer
     model, cfg = build_model(model_dir, None, args, device, rank)
     ct = data.ChatTokenizer.load(model_dir, cfg)
+    # a record's own max_pixels (e.g. the zoom world's display size) wins over --max-pixels
     budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
-    if os.path.exists(os.path.join(args.image_root, "meta.json")):  # the zoom world's own display budget
-        budget = data.read_budget(args.image_root)
     records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad)
     limits = rollout.Limits(max_tool_calls=args.max_tool_calls, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
@@ -333,24 +302,14 @@ def train(args, rank, world, device):
         end = min(end, start + 3)
     print0(f"{len(records)} prompts ({n_bad} bad) | {P} prompts x G={G} per step over {world} rank(s) | "
            f"{args.steps} steps | lr {args.lr} | {sum(p.numel() for p in params) / 1e6:.2f}M trainable params")
-    log = None
-    if rank == 0 and not args.bench:
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, "log.jsonl")
-        keep = []
-        if meta is not None and os.path.exists(path):  # lines past the checkpoint are redone
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start]
-        log = open(path, "w")
-        log.writelines(keep)
-        log.flush()
+    log = open_log(args.out_dir, start, meta is not None) if rank == 0 and not args.bench else None
     bar = tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True)
 
     step = start
     while True:
-        last_step = step == end
+        last_step = step >= end
         if not args.bench and step > start and (last_step or step % args.save_every == 0):
-            run_meta = dict(step=step, args=vars(args), config=config_to_hf(cfg), world_size=world,
+            run_meta = dict(step=step, num_steps=args.steps, args=vars(args), config=config_to_hf(cfg), world_size=world,
                             init_from=init_from)
             save(args.out_dir, step, model, opt, cfg, (ct.tok, ct.qtok), run_meta, model_dir, rank)
         if last_step:

@@ -1,7 +1,8 @@
 """
 Fixtures: tiny checkpoints in the real HF formats, written by transformers' own
 save_pretrained into temp dirs, plus a tiny byte-level BPE tokenizer with Qwen's special
-tokens (data.build_tokenizer). Our loader reads them through the same code path as a real 7B folder.
+tokens (the zoom world's, zoom_world.build_tokenizer) and a small zoom world with every kind of
+sample. Our loader reads the checkpoints through the same code path as a real 7B folder.
 """
 
 import os
@@ -15,6 +16,7 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 import data  # noqa: E402
+import zoom_world as zw  # noqa: E402
 
 SPECIALS = list(data.SPECIAL_TOKENS)
 
@@ -32,8 +34,17 @@ TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    """data.build_tokenizer's tiny byte-level BPE (the one `python sft.py` builds): < 1024 tokens."""
-    return data.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    """The demo's tiny byte-level BPE (zoom_world.build_tokenizer): < 1024 tokens."""
+    return zw.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+# every kind of sample (the demo's default is dots only, on a 2x2 grid, no crop of a crop)
+ZW_CFG = zw.ZoomWorldConfig(mark_kinds=("dots", "digit"), grid=(3, 3), n_cards=(3, 6), share_crop_of_crop=0.25)
+
+
+@pytest.fixture(scope="session")
+def zoom_world(tmp_path_factory):
+    return zw.make_world(str(tmp_path_factory.mktemp("zw")), n_train=40, n_eval=10, cfg=ZW_CFG, seed=3)
 
 
 def tiny_qwen25vl_config(tok, **text_overrides):

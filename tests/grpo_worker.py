@@ -17,7 +17,7 @@ import grpo  # noqa: E402
 import rollout  # noqa: E402
 from data import ChatTokenizer  # noqa: E402
 from data import load_tokenizers  # noqa: E402
-from sft import build_model, dist_setup, dist_teardown, make_optimizer  # noqa: E402
+from training import build_model, dist_setup, dist_teardown, make_optimizer  # noqa: E402
 
 P, G = 4, 2
 REWARDS = [1.0, 0.0, 0.5, 2.0, 0.0, 1.0, 1.5, 0.0]  # global row p*G + g

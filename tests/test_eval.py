@@ -13,6 +13,7 @@ from PIL import Image
 import data
 import eval as E
 import rollout
+import zoom_world
 from data import ChatTokenizer
 from encoder import VisionConfig, make_layout
 from model import ViLaVT, tiny_config
@@ -363,9 +364,9 @@ def test_failures_are_per_question_and_retried(tmp_path, model_dir, count_prompt
 
 
 def test_zoom_world_records_run_with_their_budget(tmp_path, model_dir, count_prompts, short_system_prompt):
-    """data.make_zoom_world's eval.jsonl runs as it is: images next to the file, its records'
-    max_pixels and T_max, the folder's meta.json budget for crops."""
-    zw = data.make_zoom_world(str(tmp_path / "zoom"), n_train=1, n_eval=3)
+    """zoom_world.make_world's eval.jsonl runs as it is: images next to the file, its records'
+    own max_pixels and T_max."""
+    zw = zoom_world.make_world(str(tmp_path / "zoom"), n_train=1, n_eval=3)
     recs = [json.loads(x) for x in open(zw["eval"])]
     out = str(tmp_path / "zw.jsonl")
     s = E.main(["--model", model_dir, "--bench", zw["eval"], "--out", out] + FAST)[("chat", 64)]

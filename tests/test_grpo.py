@@ -129,7 +129,7 @@ def test_mean_reward_rises_on_a_toy_reward(tmp_path, tokenizer):
     import grpo
     import rollout
     from data import ChatTokenizer, load_tokenizers
-    from sft import build_model, dist_setup, dist_teardown, make_optimizer
+    from training import build_model, dist_setup, dist_teardown, make_optimizer
 
     model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
     threads = torch.get_num_threads()
@@ -182,10 +182,10 @@ def grpo_log(out):
 def test_resume_continues_the_same_curve(tmp_path, tokenizer):
     from safetensors.torch import load_file
 
-    import data
     import grpo
+    import zoom_world
     model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
-    zoom = data.make_zoom_world(str(tmp_path / "zoom"), n_train=8, n_eval=1, seed=1)
+    zoom = zoom_world.make_world(str(tmp_path / "zoom"), n_train=8, n_eval=1, seed=1)
     common = ["--model", model_dir, "--data", zoom["train"], "--steps", "4", "--save-every", "2",
               "--prompts-per-step", "2", "--group-size", "2", "--max-turn-tokens", "6", "--max-new-tokens", "12",
               "--max-context", "2048", "--lr", "1e-3", "--no-freeze-vision", "--temperature", "1.0", "--dump-every", "2"]

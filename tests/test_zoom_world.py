@@ -1,0 +1,355 @@
+"""zoom_world.py: the synthetic task (deterministic, every record renders and covers its target,
+the marks need the zoom), its tokenizer, the demo's --smoke sequence end to end as the command
+lines a user types, and the results table's metrics on hand-made results lines."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as E
+import grpo
+import rollout
+import zoom_world as zw
+from conftest import ZW_CFG
+from data import Budget, ChatTokenizer, render_sample
+from model import ViLaVT, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ["direct", "chat", "grpo", "vanilla", "no_inquiry"]
+COLUMNS = ["accuracy", "mra", "format_rate", "tool_calls", "box_hit_rate", "accuracy_multi_image"]
+
+
+def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
+    """`python zoom_world.py --smoke` from a clean folder: every stage runs through its script's
+    command line and starts from the previous stage's final checkpoint; the table has every row
+    and column. A second run finds every stage done and changes nothing."""
+    cmd = [sys.executable, os.path.join(ROOT, "zoom_world.py"), "--smoke"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert p.stdout.count("$ python ") == 4 + 5  # 2 x (sft, grpo), 5 eval rows
+    for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/train.jsonl",
+                  "grpo.py --model out/smoke/sft/latest --data out/smoke/zoom/train.jsonl",
+                  "eval.py --model " + os.path.realpath(tmp_path / "out" / "smoke" / "grpo" / "latest")):
+        assert f"{ROOT}/{stage}" in p.stdout, stage  # each stage's command line, as a user types it
+    smoke = tmp_path / "out" / "smoke"
+    real = lambda p: os.path.realpath(p)  # noqa: E731
+    for v in ("", "-vanilla"):
+        sft_meta = json.load(open(smoke / f"sft{v}" / "latest" / "meta.json"))
+        grpo_meta = json.load(open(smoke / f"grpo{v}" / "latest" / "meta.json"))
+        assert real(sft_meta["init_from"]) == real(smoke / f"tiny-base{v}") and sft_meta["step"] == 8  # 16 samples / 2
+        assert real(grpo_meta["init_from"]) == real(smoke / f"sft{v}" / "latest") and grpo_meta["step"] == 2
+        config = json.load(open(smoke / f"grpo{v}" / "latest" / "config.json"))
+        assert (config["model_type"] == "vilavt") == (v == "")  # the vanilla pipeline has no inquiry path
+    rows = json.load(open(smoke / "demo" / "results.json"))
+    assert [r["name"] for r in rows] == ROWS
+    expect = dict(direct="sft", chat="sft", grpo="grpo", vanilla="grpo-vanilla", no_inquiry="grpo")
+    for r in rows:
+        assert set(COLUMNS) <= set(r) and r["n"] == 8
+        assert real(r["checkpoint"]) == real(smoke / expect[r["name"]] / "latest"), r
+        assert 0 <= r["format_rate"] <= 100 and r["tool_calls"] >= 0
+    assert [r["mode"] for r in rows] == ["direct", "chat", "chat", "chat", "chat"]
+    assert [r["inquiry"] for r in rows] == [True, True, True, True, False]
+    lines = [json.loads(ln) for ln in open(smoke / "demo" / "no_inquiry.jsonl")]
+    assert len(lines) == 8 and all(ln["inquiry"] is False and all(c["query"] == "" for c in ln["crops"])
+                                   for ln in lines)
+    table = open(smoke / "demo" / "results.md").read()
+    assert all(f"| {r} |" in table for r in ROWS)
+    before = {p: os.path.getmtime(p) for p in (smoke / "sft" / "latest" / "meta.json", smoke / "demo" / "chat.jsonl")}
+    p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0 and "$ python" not in p.stdout, p.stdout[-3000:]  # every stage skipped
+    assert all(os.path.getmtime(p) == t for p, t in before.items())
+
+
+def test_tiny_preset_sft_learns(tmp_path, tokenizer):
+    """The tiny preset's SFT flags, cut short (--max-steps 40) on a smaller zoom world: the loss
+    falls. The full run is in the README."""
+    import sft
+    base, zoom = str(tmp_path / "base"), str(tmp_path / "zoom")
+    zw.build_tiny_base(base)
+    zw.make_world(zoom, n_train=48, n_eval=0)
+    threads = torch.get_num_threads()
+    try:
+        sft.main(["--model", base, "--data", os.path.join(zoom, "train.jsonl"), "--out-dir", str(tmp_path / "sft"),
+                  *zw.PRESETS["tiny"]["sft"].split(), "--max-steps", "40", "--save-every", "1000"])
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "sft" / "log.jsonl") as f:
+        curve = [json.loads(ln)["loss"] for ln in f]
+    assert len(curve) == 40 and sum(curve[-3:]) / 3 < 0.7 * curve[0], curve
+
+
+def question(qid, kind, answer, category, target_boxes, options=None):
+    rec = {"id": qid, "images": ["a.png"] * len(target_boxes), "question": "?", "options": options,
+           "problem_type": "multiple choice" if kind == "mc" else "numerical", "answer": answer,
+           "category": category, "target_boxes": target_boxes}
+    return E.normalize(rec, 0)
+
+
+def line(qid, response, turns, crops=(), n_images=1, mode="chat"):
+    return dict(question_id=qid, response=response, mode=mode, turns=list(turns), crops=list(crops),
+                image_sizes=[[168, 168]] * n_images, n_tool_calls=len([t for t in turns if "<tool>" in t]))
+
+
+def test_demo_metrics_by_hand():
+    box = [0.1, 0.1, 0.3, 0.2]  # the target card of image 0, normalised
+    call = '<think> zoom </think>\n<tool> {"region": [{"index": 0, "bbox_2d": [0, 0, 56, 56]}], "query": "q"} </tool>'
+    qs = [question("a", "mc", "B", "single", [box], ["A. 1", "B. 2"]),
+          question("b", "num", "4", "multi", [box, None]),
+          question("c", "num", "10", "single", [box]),
+          question("d", "mc", "A", "text-only", [None], ["A. red", "B. blue"])]
+    lines = {
+        # right, one call whose crop (the top-left 56x56 of 168 = 0..1/3) holds the card; then a
+        # crop of that crop (index 1) whose region misses it: 1 hit of 2 boxes
+        "a": line("a", "<think> two </think>\n<answer> B </answer>",
+                  [call, call.replace('"index": 0', '"index": 1'), "<think> two </think>\n<answer> B </answer>"],
+                  [dict(index=0, region=[0, 0, 1 / 3, 1 / 3], size=[112, 112], query="q"),
+                   dict(index=1, region=[0, 0, 1 / 6, 1 / 6], size=[112, 112], query="q")]),
+        # multi-image, exact: counts as multi-image accuracy; no calls
+        "b": line("b", "<think> four </think>\n<answer> 4 </answer>", ["<think> four </think>\n<answer> 4 </answer>"],
+                  n_images=2),
+        # numerical, off by 20%: MRA 0.6 (VSI-Bench thresholds), bad format (no <answer> tag closed)
+        "c": line("c", "<think> x </think>\n<answer> 12 </answer>", ["<think> x </think>\n<answer> 12"]),
+        "d": dict(question_id="d", response=None, error="image: missing", mode="chat"),  # failed: 0, no format
+    }
+    m = zw.demo_metrics(qs, lines)
+    assert m["accuracy"] == pytest.approx(50.0)  # a right, d failed
+    assert m["mra"] == pytest.approx(100 * (1.0 + 0.6) / 2)
+    assert m["score"] == pytest.approx(100 * (1 + 1 + 0.6 + 0) / 4)
+    assert m["format_rate"] == pytest.approx(50.0)  # a and b
+    assert m["tool_calls"] == pytest.approx(2 / 4)
+    assert m["box_hit_rate"] == pytest.approx(50.0) and m["n_boxes"] == 2
+    assert m["accuracy_multi_image"] == pytest.approx(100.0) and m["n_multi_image"] == 1
+    md = zw.demo_table([dict(name="chat", **m)])
+    assert md.splitlines()[2].startswith("| chat | 50.0 | 80.0 | 65.0 | 50.0 | 0.50 | 50.0 | 100.0 | 4 |")
+
+
+def test_sft_grpo_and_eval_read_a_zoom_record_alike(tmp_path, tokenizer):
+    """A zoom-world record is one token sequence in SFT (render_sample), GRPO (grpo.make_prompt)
+    and eval (eval.make_prompt): in chat mode with the record's own system prompt and user turn,
+    in direct mode with the no-tool prompt. A rollout scripted with the gold turns reproduces
+    the SFT sample token for token."""
+    world = zw.make_world(str(tmp_path), n_train=30, n_eval=0, seed=2)
+    root, budget = world["image_root"], world["budget"]
+    ct = data.ChatTokenizer(tokenizer)
+    torch.manual_seed(0)
+    model = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))).eval()
+    model.init_weights()
+    rows, _ = data.read_jsonl(world["train"], image_root=root, need_steps=True)
+    picks = {}
+    for where, rec in rows:
+        kind = "direct" if rec.get("mode") == "direct" else rec["category"]
+        picks.setdefault(kind, (where, rec))
+    assert set(picks) == {"direct", "single", "multi", "text-only"}
+    for kind, (where, rec) in picks.items():
+        gold = data.render_sample(rec, where, root, ct, budget)
+        forced = []
+        for step in rec["steps"]:
+            forced += ct.encode(data.assistant_text(step)) + ([] if "tool" in step else [ct.im_end])
+        q = next(x for x in E.load_bench(world["train"]) if x["qid"] == rec["id"])
+        mode = "direct" if kind == "direct" else "chat"
+        imgs = data.load_originals(rec, where, root)
+        t_max = 0 if mode == "direct" else rec["max_tool_calls"]
+        for p in (grpo.make_prompt(where, rec, root, budget), E.make_prompt(q, imgs, mode, t_max, rec["max_pixels"])):
+            traj = rollout.rollout(model, ct, [p], budget=budget, forced=[list(forced)])[0]
+            assert traj.ids == gold["input_ids"].tolist(), kind
+            assert traj.finish == "answer" and traj.n_tool_calls == len(rec["steps"]) - 1
+
+
+# -----------------------------------------------------------------------------
+# the task
+
+
+def test_build_tokenizer_is_deterministic_byte_level_and_compact(tmp_path):
+    a = zw.build_tokenizer(str(tmp_path / "a"))
+    zw.build_tokenizer(str(tmp_path / "b"))
+    for name in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert len(a) <= 1024
+    for t in data.SPECIAL_TOKENS:
+        i = a.convert_tokens_to_ids(t)
+        assert i != a.unk_token_id and a.convert_ids_to_tokens(i) == t
+        assert a.encode(t, add_special_tokens=False) == [i]  # one token, never split
+    assert a.eos_token == "<|im_end|>" and a.pad_token == "<|endoftext|>"
+    text = "héllo wörld 世界 \t\r\n 😀 ~`|"
+    assert a.decode(a.encode(text)) == text  # byte-level: anything encodes and round-trips
+    assert len(a.encode(data.SYSTEM_PROMPT)) < len(data.SYSTEM_PROMPT) / 3  # merges learnt from the prompts
+    assert a.encode("2024", add_special_tokens=False) == [a.convert_tokens_to_ids(c) for c in "2024"]  # Qwen: digit by digit
+
+
+# -----------------------------------------------------------------------------
+# zoom world
+
+def digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_zoom_world_is_deterministic(tmp_path):
+    a = zw.make_world(str(tmp_path / "a"), n_train=6, n_eval=2, seed=5)
+    b = zw.make_world(str(tmp_path / "b"), n_train=6, n_eval=2, seed=5)
+    zw.make_world(str(tmp_path / "c"), n_train=6, n_eval=2, seed=6)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+    assert a["budget"] == b["budget"] == Budget(max_pixels=168 * 168)
+    assert json.load(open(a["meta"]))["budget"] == dataclasses.asdict(a["budget"])
+
+
+def test_zoom_world_records_check_render_and_cover_their_targets(zoom_world, tokenizer):
+    ct = ChatTokenizer(tokenizer)
+    root, budget = zoom_world["image_root"], zoom_world["budget"]
+    recs = []
+    for split in ("train", "eval"):
+        rows, n_bad = data.read_jsonl(zoom_world[split], image_root=root, need_steps=True)
+        assert n_bad == 0
+        recs += [rec for _, rec in rows]
+    n_calls = n_direct = 0
+    for rec in recs:
+        assert rec["category"] in ("single", "multi", "text-only")
+        assert len(rec["target_boxes"]) == len(rec["images"]) and rec["max_pixels"] == 168 * 168
+        if rec["problem_type"] == "multiple choice":
+            letters = [o[0] for o in rec["options"]]
+            assert rec["answer"] in letters and rec["steps"][-1]["answer"] == rec["answer"]
+        else:
+            assert rec["options"] is None and rec["answer"].isdigit()
+        s = render_sample(rec, rec["id"], root, ct, budget)
+        ctx = s["context"]
+        n_orig = len(rec["images"])
+        assert [v.display for v in ctx.views[:n_orig]] == [(168, 168)] * n_orig  # 36 tokens each
+        for view in ctx.views[n_orig:]:  # every gold crop covers its target card
+            tx1, ty1, tx2, ty2 = rec["target_boxes"][view.source]
+            x1, y1, x2, y2 = view.region
+            assert x1 <= tx1 + 1e-9 and y1 <= ty1 + 1e-9 and x2 >= tx2 - 1e-9 and y2 >= ty2 - 1e-9, rec["id"]
+            n_calls += 1
+        if rec["category"] == "text-only":
+            assert len(rec["steps"]) == 1 and "tool" not in rec["steps"][0]
+        if rec["task"] == "largest-color":  # the target is the one largest card, the answer its colour
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+            cards = sorted(rec["scene"][0], key=lambda c: -area(c["box"]))
+            assert area(cards[0]["box"]) > 2 * area(cards[1]["box"]) and cards[0]["box"] == rec["target_boxes"][0]
+            assert rec["options"][ord(rec["answer"]) - 65] == f"{rec['answer']}. {cards[0]['color']}"
+        values = [next((c["value"] for c in cards if c["box"] == t), None) for cards, t in
+                  zip(rec["scene"], rec["target_boxes"])]  # the target cards' marks, from the scene
+        gold = rec["answer"] if rec["options"] is None else rec["options"][ord(rec["answer"]) - 65][3:]
+        if rec["category"] == "single":
+            assert gold == str(values[0])
+        if rec["task"] == "total":
+            assert gold == str(sum(values))
+        if rec["task"] == "which-image":
+            assert str(values[int(gold.split()[-1])]) in rec["question"] and len(set(values)) == len(values)
+        for j, cards in enumerate(rec["scene"]):  # one card per colour; cards never overlap
+            assert len({c["color"] for c in cards}) == len(cards)
+            for a in cards:
+                for b in cards:
+                    assert a is b or a["box"][2] <= b["box"][0] or b["box"][2] <= a["box"][0] or \
+                        a["box"][3] <= b["box"][1] or b["box"][3] <= a["box"][1]
+        if rec.get("mode") == "direct":  # the no-tool share of the train split: one answer step
+            assert rec["id"].startswith("train") and len(rec["steps"]) == 1 and "tool" not in rec["steps"][0]
+            assert "system" not in rec and data.DIRECT_INSTRUCTIONS in s["text"]
+            n_direct += 1
+            continue
+        assert rec["system"] == zw.SYSTEM and s["text"].startswith(f"<|im_start|>system\n{zw.SYSTEM}")
+        if rec["category"] == "multi":
+            regions = rec["steps"][0]["tool"]["region"]
+            assert sorted(r["index"] for r in regions) == list(range(n_orig)) and n_orig >= 2
+            assert len(set(s["image_to_query"][n_orig:].tolist())) == 1  # crops of several images: one group
+        if rec["task"].endswith("zoom2"):  # a crop of a crop
+            assert rec["steps"][1]["tool"]["region"][0]["index"] == n_orig
+            assert ctx.views[-1].parent == n_orig
+    assert n_calls > 30 and n_direct == round(ZW_CFG.share_direct * 40)
+
+
+def test_zoom_world_shares(zoom_world):
+    recs = [rec for _, rec in data.read_jsonl(zoom_world["train"])[0]]
+    n = len(recs)
+    cat = lambda c: [r for r in recs if r["category"] == c]  # noqa: E731
+    assert abs(len(cat("text-only")) / n - ZW_CFG.share_text_only) < 0.03
+    assert abs(len(cat("multi")) / (n - len(cat("text-only"))) - ZW_CFG.share_multi) < 0.05
+    assert abs(sum(r["problem_type"] == "multiple choice" for r in recs) / n - ZW_CFG.share_mc) < 0.05
+    zoom2 = [r for r in cat("single") if r["task"].endswith("zoom2")]
+    assert abs(len(zoom2) / len(cat("single")) - ZW_CFG.share_crop_of_crop) < 0.05
+    assert {r["mark"] for r in recs} == {"dots", "digit"}
+    meta = json.load(open(zoom_world["meta"]))
+    assert sum(meta["counts"]["train"].values()) == n and meta["budget"]["max_pixels"] == 168 * 168
+
+
+def test_zoom_world_marks_need_the_zoom():
+    """The honest resolution check. Two scenes identical but for the target card's mark (2 vs 5
+    dots; digits 3 vs 8, which differ in just two font cells). At the display the model gets
+    for the original (BICUBIC to 168x168, as preprocess_image does), the card images differ by
+    at most a few grey levels (rounding, bicubic tails at mark corners). After the gold zoom
+    (crop rule + smart_resize), they differ by ~100 levels; also after an off-grid zoom whose
+    crop smart_resize has to resample."""
+    Wd, Hd, r = zw._geometry(ZW_CFG)
+    budget = zw.display_budget(ZW_CFG)
+
+    def scene(kind, value, slots):
+        target = {"color": "red", "kind": kind, "value": value, "slots": slots, "big": False,
+                  "box": (120, 128, 184, 168)}
+        other = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": (240, 240, 304, 280)}
+        return zw._render(np.random.default_rng(7), ZW_CFG, r, [target, other])
+
+    def card_diff(a, b, box):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        d = np.abs(a.astype(float) - b.astype(float))[y1:y2, x1:x2]
+        return d.mean(), d.max()
+
+    def shown(img, bbox=None):  # what the model sees: the display, or a crop at its display size
+        if bbox is None:
+            return np.asarray(img.resize((Wd, Hd), Image.Resampling.BICUBIC)), (0, 0, 1, 1), (Wd, Hd)
+        crop, region = data.crop_image(img, (0, 0, 1, 1), (Wd, Hd), bbox)
+        h, w = data.smart_resize(crop.height, crop.width, data.FACTOR, data.MIN_PIXELS, budget.for_crops())
+        return np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC)), region, (w, h)
+
+    card = (120 / 336, 128 / 336, 184 / 336, 168 / 336)
+    gold = zw._cells_bbox(ZW_CFG, (Wd, Hd, r), zw._cell(ZW_CFG, [v * 336 for v in card]))
+    off_grid = [55, 59, 95, 89]  # 40x30 display px around the card: the 80x60 crop is resampled to 84x56
+    for kind, (va, sa), (vb, sb) in [("dots", (2, [0, 1]), (5, [0, 2, 3, 5, 7])), ("digit", (3, None), (8, None))]:
+        A, B = scene(kind, va, sa), scene(kind, vb, sb)
+        a, _, _ = shown(A)
+        b, _, _ = shown(B)
+        mean0, max0 = card_diff(a, b, [card[0] * Wd, card[1] * Hd, card[2] * Wd, card[3] * Hd])
+        assert np.abs(a.astype(float) - b.astype(float)).max() <= 4  # the whole display image
+        assert mean0 < 0.5 and max0 <= 4, (kind, mean0, max0)
+        for bbox, floor in ((gold, 90), (off_grid, 40)):
+            a, region, disp = shown(A, bbox)
+            b, _, _ = shown(B, bbox)
+            mean1, max1 = card_diff(a, b, zw._in_display(card, region, disp))
+            assert max1 >= floor and max1 >= 10 * max0 and mean1 > 5 * mean0, (kind, bbox, mean0, mean1, max1)
+    assert (gold[2] - gold[0]) % 14 == 0 and (gold[3] - gold[1]) % 14 == 0  # gold crops: no resampling
+
+
+def test_default_zoom_world_boxes_are_the_named_cells(tmp_path):
+    """The demo's default world (2x2 grid): every gold box is the cell the think names for that
+    image, and it holds the target card."""
+    import re
+    world = zw.make_world(str(tmp_path), n_train=30, n_eval=0)
+    cells = {"in the top left": [0, 0, 84, 84], "in the top right": [84, 0, 168, 84],
+             "in the bottom left": [0, 84, 84, 168], "in the bottom right": [84, 84, 168, 168]}
+    n = 0
+    for _, rec in data.read_jsonl(world["train"])[0]:
+        if "tool" not in rec["steps"][0]:
+            continue
+        named = {int(i): p for p, i in re.findall(r"(in the \w+ \w+) of image (\d)", rec["steps"][0]["think"])}
+        for r in rec["steps"][0]["tool"]["region"]:
+            assert r["bbox_2d"] == cells[named[r["index"]]], rec["id"]
+            t = [v * 168 for v in rec["target_boxes"][r["index"]]]
+            x1, y1, x2, y2 = r["bbox_2d"]
+            assert x1 <= t[0] and y1 <= t[1] and t[2] <= x2 and t[3] <= y2
+            n += 1
+        assert rec["prompt"].endswith("Question: " + data.format_question(rec["question"], rec["options"]))
+    assert n >= 15

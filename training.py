@@ -1,0 +1,295 @@
+"""
+The training plumbing that sft.py and grpo.py share, so that each script shows only its own
+algorithm (nanochat's common.py + checkpoint_manager.py in one file):
+
+- torchrun setup / teardown and print0: a plain `python sft.py` is a world of one, so every
+  launch runs one code path, FSDP included;
+- build_model: every rank builds the model on the meta device, FSDP2-shards it (one unit per
+  decoder block and per vision block, then the root), and rank 0's checkpoint is broadcast in;
+- the AdamW optimizer and the warmup + cosine LR schedule;
+- checkpoints: atomic writes (temp folder renamed into place, then `latest` swapped), the
+  per-rank RNG states, the sharded optimizer state, and --resume (start_point, restore);
+- the run's JSONL log, cut back to the checkpoint's step on resume (the later steps are redone).
+
+Checkpoint layout (every write goes to a temp dir that is renamed into place, then `latest` is
+replaced atomically; a run killed mid-save leaves the previous checkpoint intact):
+
+    out_dir/latest                  symlink -> step_000120 (a model folder itself)
+    out_dir/log.jsonl               one line per step
+    out_dir/step_000120/            a self-contained HF folder: eval.py / grpo.py / --model load it
+        config.json, model.safetensors (or shards + index; fp32 master weights)
+        tokenizer files, query_tokenizer/ (the inquiry tokenizer)
+        meta.json                   step, args, config, init_from, per-rank RNG states
+        optim/                      AdamW state, sharded per rank (torch.distributed.checkpoint)
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from model import ViLaVT, config_from_hf, read_json, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# Distributed setup / teardown
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def warn(msg):  # any rank, any data-loader worker
+    print(f"[rank {os.environ.get('RANK', 0)}] {msg}", flush=True)
+
+
+def dist_setup():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous); a plain `python sft.py` is a
+    world of one, so there is one code path (FSDP included) for every launch. Returns
+    (rank, world size, device)."""
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU: the cores shared out among this node's processes unless asked otherwise (torch's
+        # default gives every process all cores: with several processes, spinning OpenMP threads
+        # made a step 10-30x slower, measured). One process on 2 cores: 1.2x faster than 1 thread.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+def dist_teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(model_dir, embedder_dir, args, device, rank):
+    """Every rank builds the model on the meta device and shards it; rank 0 alone reads the
+    checkpoint (fp32, CPU) and the weights are broadcast into the shards, so host memory holds
+    one full copy per node-rank-0, not one per GPU."""
+    d = read_json(os.path.join(model_dir, "config.json"))
+    emb = read_json(os.path.join(embedder_dir, "config.json")) if embedder_dir else None
+    if emb is not None and d.get("model_type") == "vilavt":  # (checked on every rank, before any collective)
+        raise SystemExit(f"{model_dir} is already a ViLaVT checkpoint with its own text encoder: drop --embedder")
+    cfg = config_from_hf(d, emb, os.path.join(model_dir, "config.json"))
+    full = {}
+    if rank == 0:
+        torch.manual_seed(args.seed)  # the new layers' N(0, 0.02) init when starting from stock + embedder
+        full = ViLaVT.from_pretrained(model_dir, embedder_dir, dtype=torch.float32, device="cpu").state_dict()
+    with torch.device("meta"):
+        model = ViLaVT(cfg)
+    # what trains (SPEC 2): never the inquiry text encoder; text_proj and the ViT by flag
+    if model.is_vilavt:
+        model.text_encoder.requires_grad_(False)
+        model.text_proj.requires_grad_(args.train_text_proj)
+    if args.freeze_vision:
+        model.visual.requires_grad_(False)
+    model.checkpointing = model.visual.checkpointing = args.activation_checkpointing
+    # FSDP2: one unit per decoder block and per vision block, the rest (embeddings, lm_head,
+    # patch embed, merger, text encoder, text_proj) in the root unit.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+          else MixedPrecisionPolicy())  # CPU: fp32 throughout
+    for block in list(model.model.layers) + list(model.visual.blocks):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "hidden_states")  # the training forward is not model.forward
+    for name in ("set_force_sum_reduction_for_comms", "set_reduce_scatter_unused_params"):
+        if not hasattr(FSDPModule, name):
+            raise SystemExit(f"training needs FSDPModule.{name}, which torch {torch.__version__} lacks: upgrade torch")
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # Gradients are summed over ranks, not averaged: the loss is already divided by the
+            # global token count (see the training step).
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+            # A rank whose samples carry no inquiry leaves text_proj / instruct_* without a gradient
+            # while other ranks have one: reduce zeros for them, or the collectives mismatch.
+            m.set_reduce_scatter_unused_params(True)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model.train(), cfg
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warmup over the first `warmup` fraction of the steps, then cosine decay to 0."""
+    n_warm = max(1, math.ceil(warmup * total))
+    if step < n_warm:
+        return peak * (step + 1) / n_warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state():
+    st = {"python": json.loads(json.dumps(random.getstate())), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state().tolist()
+    return st
+
+
+def set_rng_state(st):
+    v, state, gauss = st["python"]
+    random.setstate((v, tuple(state), gauss))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
+
+
+def step_name(step):
+    return f"step_{step:06d}"
+
+
+def write_checkpoint(out_dir, step, write, rank):
+    """Atomic checkpoint: `write(tmp_dir)` (a collective: every rank calls it) fills a temp dir,
+    which rank 0 renames to step_NNNNNN; then `latest` is replaced atomically. An exception or a
+    kill anywhere before the rename leaves `latest` on the previous, intact checkpoint."""
+    tmp, final = os.path.join(out_dir, ".tmp-" + step_name(step)), os.path.join(out_dir, step_name(step))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier killed save
+        os.makedirs(tmp)
+    dist.barrier()
+    write(tmp)
+    dist.barrier()
+    if rank == 0:
+        old = final + ".old"
+        if os.path.exists(final):  # re-saving a step (e.g. an earlier --stop-at-step run ended here)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        # `latest` is a relative symlink, so out_dir/latest is itself a model folder every
+        # script (and ViLaVT.from_pretrained) can open; a new link is renamed over the old one
+        link = os.path.join(out_dir, "latest.tmp")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(step_name(step), link)
+        os.replace(link, os.path.join(out_dir, "latest"))
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def save(out_dir, step, model, opt, cfg, toks, meta, source_dir, rank):
+    # full fp32 weights gathered to rank 0's CPU (a collective), written as an HF folder
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    osd = get_optimizer_state_dict(model, opt)
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+
+    def write(tmp):
+        if rank == 0:
+            save_checkpoint(sd, cfg, tmp)
+            toks[0].save_pretrained(tmp)
+            if model.is_vilavt:
+                toks[1].save_pretrained(os.path.join(tmp, "query_tokenizer"))
+            for f in ("preprocessor_config.json", "chat_template.json", "generation_config.json"):  # for HF tools
+                if os.path.exists(os.path.join(source_dir, f)):
+                    shutil.copy(os.path.join(source_dir, f), tmp)
+        dist.barrier()
+        dcp.save(osd, checkpoint_id=os.path.join(tmp, "optim"))  # each rank writes its own shard
+        if rank == 0:
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(dict(meta, rng=rngs), f)
+
+    return write_checkpoint(out_dir, step, write, rank)
+
+
+def start_point(args, keys, model_dir):
+    """Where a run starts: (checkpoint, its meta.json, init_from). With --resume the run's
+    `latest` (None: starting fresh), after checking that no flag in `keys` (those that define
+    the run's math and data order) changed since it was written; without it, a folder that
+    already holds a run is refused. init_from, kept in every checkpoint, is the model the run
+    first started from (model_dir, or what the resumed checkpoint recorded)."""
+    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
+    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
+        raise SystemExit(f"{args.out_dir} already holds a run (latest: {latest_checkpoint(args.out_dir)}); "
+                         "pass --resume to continue it, or another --out-dir")
+    init_from = os.path.abspath(model_dir)
+    if ckpt is None:
+        if args.resume:
+            print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
+        return None, None, init_from
+    meta = read_json(os.path.join(ckpt, "meta.json"))
+    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
+               if meta["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"--resume from {ckpt} with changed flags: {'; '.join(changed)}")
+    print0(f"resuming from {ckpt} (step {meta['step']})")
+    return ckpt, meta, meta.get("init_from", init_from)
+
+
+def restore(model, opt, ckpt, meta, rank):
+    """Resume: this rank's shard of the AdamW state and its RNG state (the weights were loaded
+    from the checkpoint folder itself)."""
+    osd = get_optimizer_state_dict(model, opt)
+    dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
+    set_optimizer_state_dict(model, opt, osd)
+    set_rng_state(meta["rng"][rank % len(meta["rng"])])
+
+
+def latest_checkpoint(out_dir):
+    """The step folder out_dir/latest points to, or None."""
+    p = os.path.join(out_dir, "latest")
+    return os.path.join(out_dir, os.readlink(p)) if os.path.islink(p) and os.path.isdir(p) else None
+
+
+def resolve_checkpoint(path):
+    """A model folder, out_dir/latest, or a run folder holding a `latest` -> the step folder
+    (resolved, so meta.json and resume refer to a fixed step)."""
+    if os.path.islink(path) and os.path.basename(path) == "latest":
+        return latest_checkpoint(os.path.dirname(path))
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) and latest_checkpoint(path):
+        return latest_checkpoint(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# The run's log
+
+
+def open_log(out_dir, start_step, resumed, name="log.jsonl"):
+    """Rank 0: out_dir/name opened for appending one JSON line per step, with the run folder made
+    and the debris of saves killed before their rename removed. A resumed run keeps the lines up
+    to its checkpoint's step and drops the later ones (those steps are redone); a fresh run
+    starts the file empty."""
+    os.makedirs(out_dir, exist_ok=True)
+    for d in os.listdir(out_dir):
+        if d.startswith(".tmp-step_"):
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    path, keep = os.path.join(out_dir, name), []
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= start_step]
+    log = open(path, "w")
+    log.writelines(keep)
+    log.flush()
+    return log
