@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model import atomic_write
+from reward import parse_turn, problem_kind
+
 # -----------------------------------------------------------------------------
 # images: constants (SPEC section 2 and 3)
 
@@ -436,6 +439,23 @@ def _placeholders(text, n_images, what):
     return [p for p in out if p != ""]
 
 
+def record_prompt(rec, mode=None, question=None):
+    """A record's prompt as prompt_parts' keyword arguments (question, system, user,
+    instructions): the one rule by which SFT (render_sample), GRPO and eval read a record.
+    mode: the prompt asked for, "chat" (Figures 15/16) or "direct" (the no-tool prompt);
+    default: the record's own (its "mode", chat if absent). A record's own `system` and `prompt`
+    belong to its own mode; asked in the other mode, it gets that mode's default prompt.
+    question: the question as asked (default: the record's question with its options)."""
+    own = rec.get("mode", "chat")
+    direct = (mode or own) == "direct"
+    system, user = (PLAIN_SYSTEM if direct else SYSTEM_PROMPT), None
+    if (mode or own) == own:
+        system, user = rec.get("system", system), rec.get("prompt")
+    if question is None:
+        question = format_question(rec["question"], rec.get("options"))
+    return dict(question=question, system=system, user=user, instructions=DIRECT_INSTRUCTIONS if direct else None)
+
+
 def assistant_text(step):
     """A gold step as the assistant writes it: <think> then <tool>{json}</tool> or <answer>."""
     if "text" in step:  # imported records keep the release's exact text
@@ -628,9 +648,6 @@ class Context:
 # -----------------------------------------------------------------------------
 # trajectory records (JSONL; the schema is documented in the README)
 
-PROBLEM_TYPES = ("multiple choice", "numerical", "regression", "yes/no", "free-form")
-
-
 class RecordError(ValueError):
     """A bad record: the message names the file:line and the field."""
 
@@ -678,8 +695,10 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
                                                and all(isinstance(o, str) for o in rec["options"])):
         _fail(where, "options", "must be a list of strings or null")
     if need_answer or "problem_type" in rec:
-        if rec.get("problem_type") not in PROBLEM_TYPES:
-            _fail(where, "problem_type", f"{rec.get('problem_type')!r} is not one of {PROBLEM_TYPES}")
+        try:
+            problem_kind(rec.get("problem_type"))  # the one definition of the problem types (reward.py)
+        except ValueError as e:
+            _fail(where, "problem_type", str(e))
     if need_answer and not isinstance(rec.get("answer"), (str, int, float)):
         _fail(where, "answer", "missing (string or number)")
     if rec.get("mode", "chat") not in ("chat", "direct"):
@@ -774,12 +793,8 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
         x = ct.encode(s) + [ct.im_end]
         ids.extend(x), labels.extend(x), text.append(s + IM_END)
 
-    displays = [v.display for v in ctx.views]
-    direct = rec.get("mode") == "direct"  # the no-tool prompt (eval.py --mode direct)
     try:
-        parts = prompt_parts(displays, format_question(rec["question"], rec.get("options")),
-                             rec.get("system", PLAIN_SYSTEM if direct else SYSTEM_PROMPT), rec.get("prompt"),
-                             DIRECT_INSTRUCTIONS if direct else None)
+        parts = prompt_parts([v.display for v in ctx.views], **record_prompt(rec))
     except ValueError as e:  # '<image>' placeholders that do not match the images
         raise RecordError(f"{where}: field '{'prompt' if 'prompt' in rec else 'question'}': {e}") from None
     env(parts, ctx.views)
@@ -843,7 +858,6 @@ def import_release_record(rec, where):
     max_pixels?, mask_history?}) -> our schema, keeping the release's texts verbatim
     (system, user prompt, assistant turns, observations) and its pre-made crop files.
     mask_history is not reproduced: we train on every assistant turn."""
-    from reward import parse_turn
     conv, images = rec.get("conversations"), rec.get("images")
     if not isinstance(conv, list) or not conv:
         _fail(where, "conversations", "must be a non-empty list")
@@ -911,24 +925,23 @@ def import_release(src, dst, skip_bad=False, log=print):
         items = [(f"{src}[{i}]", r) for i, r in enumerate(recs if isinstance(recs, list) else [recs])]
     except json.JSONDecodeError:  # JSONL: one record per line
         items = [(f"{src}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    n_bad = 0
-    with open(dst + ".tmp", "w") as f:
-        for where, rec in items:
-            try:
-                if isinstance(rec, str):
-                    try:
-                        rec = json.loads(rec)
-                    except json.JSONDecodeError as e:
-                        raise RecordError(f"{where}: malformed JSON ({e})") from None
-                if not isinstance(rec, dict):
-                    raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                f.write(json.dumps(import_release_record(rec, where)) + "\n")
-            except RecordError as e:
-                if not skip_bad:
-                    raise
-                n_bad += 1
-                log(f"skipping bad release record: {e}")
-    os.replace(dst + ".tmp", dst)
+    n_bad, out = 0, []
+    for where, rec in items:
+        try:
+            if isinstance(rec, str):
+                try:
+                    rec = json.loads(rec)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{where}: malformed JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            out.append(json.dumps(import_release_record(rec, where)) + "\n")
+        except RecordError as e:
+            if not skip_bad:
+                raise
+            n_bad += 1
+            log(f"skipping bad release record: {e}")
+    atomic_write(dst, "".join(out))
     return len(items) - n_bad, n_bad
 
 

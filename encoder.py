@@ -22,6 +22,7 @@ contiguous segments (windows, frames, groups), segments of equal shape are batch
 SDPA call, so memory grows with sum(L_segment^2), not with (sum L)^2.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -277,6 +278,41 @@ class VisionAttention(nn.Module):
             tk = rotate_fp32(self.instruct_key_proj(text).view(-1, H, D), lay.tcos, lay.tsin)
             tv = self.instruct_value_proj(text).view(-1, H, D)  # values get no rotary
         return self.proj(segment_attention(q, k, v, seg, tk, tv))
+
+
+def explicit_attention(attn, x, lay, seg, text, with_output=False, chunk_elems=2 ** 27):
+    """One vision layer's attention written out: softmax(q k^T / sqrt(d)) per attention segment
+    (window, image or query group), keys = [the segment's image tokens ; its inquiry keys], the
+    same inputs as VisionAttention.forward (the SDPA path it mirrors, for eval.py --attn-map). Returns (attention each image token
+    receives, mean over heads, summed over queries: (N,); and with_output the layer's output,
+    which tests compare with the SDPA path). Queries go in chunks so the (heads, rows, keys)
+    matrix stays near chunk_elems floats even for a 32k-patch image."""
+    N, H, D = x.shape[0], attn.n_heads, attn.head_dim
+    q, k, v = attn.qkv(x).view(N, 3, H, D).unbind(1)
+    q, k = rotate_fp32(q, lay.cos, lay.sin).float(), rotate_fp32(k, lay.cos, lay.sin).float()
+    tk = tv = None
+    if attn.query_aware and text is not None and text.shape[0] > 0:
+        tk = rotate_fp32(attn.instruct_key_proj(text).view(-1, H, D), lay.tcos, lay.tsin).float()
+        tv = attn.instruct_value_proj(text).view(-1, H, D)
+    received = torch.zeros(N, device=x.device)
+    out = torch.zeros(N, H, D, device=x.device) if with_output else None
+    for s in range(len(seg.cu) - 1):
+        a, b = seg.cu[s], seg.cu[s + 1]
+        ta, tb = seg.tcu[s]
+        keys, vals = k[a:b], v[a:b]
+        if tk is not None and tb > ta:
+            keys, vals = torch.cat([keys, tk[ta:tb]]), torch.cat([vals, tv[ta:tb]])
+        keys, vals = keys.transpose(0, 1), vals.float().transpose(0, 1)  # (H, Lk, D)
+        rows = max(1, chunk_elems // (H * keys.shape[1]))
+        for r in range(a, b, rows):
+            e = min(b, r + rows)
+            w = (q[r:e].transpose(0, 1) @ keys.transpose(1, 2) / math.sqrt(D)).softmax(-1)  # (H, rows, Lk)
+            received[a:b] += w[:, :, :b - a].mean(0).sum(0)
+            if with_output:
+                out[r:e] = (w @ vals).transpose(0, 1)
+    if with_output:
+        out = attn.proj(out.reshape(N, H * D).to(x.dtype))
+    return received, out
 
 
 class VisionBlock(nn.Module):

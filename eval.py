@@ -53,20 +53,20 @@ import argparse
 import ast
 import glob
 import json
-import math
 import os
 import re
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import data
+import encoder
+import plots
 import rollout
-from reward import extract_answer, mc_letter, mra_vsibench, parse_turn, to_number
+from model import atomic_write
+from reward import extract_answer, mc_letter, mra_vsibench, normalise_text, parse_turn, problem_kind, to_number
 
 # -----------------------------------------------------------------------------
 # benchmarks: names, paper numbers, tool limits, aggregation
@@ -98,8 +98,8 @@ TYPE_MEAN = {"VSI-Bench": (("question_type", "original_question_type"), r"_(easy
 CATEGORY_FIELDS = ("category", "cycle_category", "task", "original_question_type", "question_type")
 
 # The release appends these to the question (SPEC 8), after the options.
-SUFFIX = {"mc": "\nAnswer with the option's letter from the given choices directly.",
-          "num": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
+SUFFIX = {"multiple choice": "\nAnswer with the option's letter from the given choices directly.",
+          "numerical": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
 
 MODES = ("chat", "direct", "plain")
 
@@ -117,20 +117,6 @@ def bench_name(path):
 
 def default_tool_limit(name):
     return 5 if name in HIGH_RES else 10 if name in SPATIAL else None
-
-
-def kind_of(problem_type):
-    """'mc' | 'num' | 'yesno' | 'free' for a problem_type spelling; ValueError otherwise."""
-    k = " ".join(str(problem_type).lower().replace("_", " ").replace("-", " ").split())
-    if k in ("multiple choice", "mc"):
-        return "mc"
-    if k in ("numerical", "numeric", "regression"):  # regression is scored like numerical (MRA)
-        return "num"
-    if k in ("yes/no", "yes no", "yesno"):
-        return "yesno"
-    if k in ("free form", "freeform", "open", "open ended"):
-        return "free"
-    raise ValueError(f"unknown problem_type {problem_type!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -179,12 +165,12 @@ def normalize(rec, index, max_frames=32):
     options = parse_list(rec.get("options"), "options")
     if "problem_type" not in rec:
         raise ValueError("field 'problem_type': missing")
-    kind = kind_of(rec["problem_type"])
+    kind = problem_kind(rec["problem_type"])  # one of reward.PROBLEM_TYPES
     answer = rec.get("answer")
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
         raise ValueError("field 'answer': missing")
     gold_letter = None
-    if kind == "mc":
+    if kind == "multiple choice":
         gold_letter = mc_letter(str(answer))
         if gold_letter is None and options:  # an answer given as the option's text
             texts = [re.sub(r"^\(?[A-Z][.):]\s*", "", o.strip()) for o in options]
@@ -192,7 +178,7 @@ def normalize(rec, index, max_frames=32):
                 gold_letter = chr(65 + texts.index(str(answer).strip()))
         if gold_letter is None:
             raise ValueError(f"field 'answer': multiple-choice answer {answer!r} has no option letter")
-    elif kind == "num" and to_number(str(answer)) is None:
+    elif kind == "numerical" and to_number(str(answer)) is None:
         raise ValueError(f"field 'answer': numerical answer {answer!r} is not a number")
     mt = rec.get("max_tool_calls")
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 0):
@@ -259,17 +245,15 @@ def question_text(q):
 
 
 def make_prompt(q, images, mode, t_max, max_pixels=None):
+    """chat / direct: the record's prompt in that mode, read as SFT and GRPO read it (data.record_prompt;
+    our JSONL records may carry their own system prompt and user turn). plain: eval's own."""
     text = question_text(q)
-    if mode == "chat":  # a record's own system prompt and user turn (our JSONL schema; e.g. the zoom world's)
-        meta = q["meta"] if isinstance(q["meta"], dict) else {}
-        return rollout.Prompt(images, text, max_tool_calls=t_max, max_pixels=max_pixels, system=meta.get("system"),
-                              user=meta.get("prompt"))
-    if mode == "direct":
+    if mode == "plain":
+        user = text if "<image>" in text else "<image>" * len(images) + text
         return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
-                              instructions=data.DIRECT_INSTRUCTIONS)
-    user = text if "<image>" in text else "<image>" * len(images) + text
-    return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
-                          user=user)
+                              user=user)
+    return rollout.Prompt(images, max_tool_calls=t_max if mode == "chat" else 0, max_pixels=max_pixels,
+                          **data.record_prompt(q["meta"], mode, question=text))
 
 
 # -----------------------------------------------------------------------------
@@ -287,22 +271,18 @@ def final_answer(response, mode):
     return a
 
 
-def _norm_text(s):
-    return " ".join(re.sub(r"[^\w\s]", "", str(s).lower()).split())
-
-
 def score_answer(answer, q):
     """(score in [0, 1], prediction): option letter match for MC, the benchmark's MRA
     (reward.mra_vsibench, VSI-Bench's own code) for numerical/regression, normalised exact
     match for yes/no and free-form. No answer scores 0."""
-    if q["kind"] == "mc":
+    if q["kind"] == "multiple choice":
         pred = mc_letter(answer) if answer is not None else None
         return float(pred == q["gold_letter"]), pred
     if answer is None:
         return 0.0, None
-    if q["kind"] == "num":
+    if q["kind"] == "numerical":
         return mra_vsibench(answer, str(q["answer"])), to_number(answer)
-    return float(_norm_text(answer) == _norm_text(q["answer"])), answer
+    return float(normalise_text(answer) == normalise_text(q["answer"])), answer
 
 
 def results_files(out):
@@ -390,7 +370,7 @@ def markdown(summaries, title="Results", labels=None):
            "| Benchmark | Metric | Ours | Questions | Failed | ViLaVT-7B (paper) | Qwen2.5-VL-7B (paper) |",
            "|---|---|---|---|---|---|---|"]
     for i, s in enumerate(summaries):
-        metric = "/".join(sorted({"num": "MRA"}.get(k, "Acc") for k in s["kinds"])) or "-"
+        metric = "/".join(sorted({"numerical": "MRA"}.get(k, "Acc") for k in s["kinds"])) or "-"
         if s["name"] in TYPE_MEAN and "type (mean of means)" in s["breakdowns"]:
             metric += " (mean of types)"
         paper = PAPER.get(s["name"], (None, None))
@@ -408,13 +388,6 @@ def markdown(summaries, title="Results", labels=None):
                 out += ["", f"Option-rotation spread: min {lo:.1f}, max {hi:.1f}, max - min {hi - lo:.1f}, "
                             f"std {sd:.2f} (points)."]
     return "\n".join(out) + "\n"
-
-
-def write_atomic(path, text_or_bytes, mode="w"):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        f.write(text_or_bytes)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -550,91 +523,6 @@ def _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank):
 
 
 # -----------------------------------------------------------------------------
-# figures: a line plot and a colour map in plain PIL (no matplotlib dependency)
-
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
-def _dashed(draw, p, q, fill, width, dash=8):
-    (x0, y0), (x1, y1) = p, q
-    n = max(1, int(math.hypot(x1 - x0, y1 - y0) // dash))
-    for k in range(0, n, 2):
-        a, b = k / n, min(1, (k + 1) / n)
-        draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))], fill, width)
-
-
-def plot_lines(series, path, title, xlabel, ylabel, reference=None):
-    """series / reference: {label: {x: y}}. x on a log2 axis (token budgets double), y in
-    points; our series solid with dots, reference (paper) series dashed."""
-    reference = reference or {}
-    W, H, L, R, T, B = 960, 600, 80, 250, 60, 70
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    f, fs = _font(16), _font(13)
-    xs = sorted({x for s in list(series.values()) + list(reference.values()) for x in s})
-    ys = [y for s in list(series.values()) + list(reference.values()) for y in s.values() if y is not None]
-    if not xs or not ys:
-        raise ValueError("nothing to plot")
-    lo, hi = math.log2(xs[0]), math.log2(xs[-1])
-    if hi == lo:
-        lo, hi = lo - 1, hi + 1
-    ylo, yhi = max(0, 5 * math.floor(min(ys) / 5 - 1)), min(100, 5 * math.ceil(max(ys) / 5 + 1))
-    if yhi <= ylo:
-        ylo, yhi = max(0, ylo - 5), ylo + 5
-    pad = 30  # keep the first and last points off the axes
-    px = lambda x: L + pad + (math.log2(x) - lo) / (hi - lo) * (W - L - R - 2 * pad)  # noqa: E731
-    py = lambda y: H - B - (y - ylo) / (yhi - ylo) * (H - T - B)  # noqa: E731
-    step = 5 if yhi - ylo <= 50 else 10
-    for y in range(ylo, yhi + 1, step):  # horizontal grid + y ticks
-        d.line([(L, py(y)), (W - R, py(y))], (225, 225, 225), 1)
-        d.line([(L - 5, py(y)), (L, py(y))], "black", 1)
-        d.text((L - 8, py(y)), f"{y}", "black", fs, anchor="rm")
-    for x in xs:  # x ticks at the measured budgets
-        d.line([(px(x), H - B), (px(x), H - B + 5)], "black", 1)
-        d.text((px(x), H - B + 8), f"{x}", "black", fs, anchor="ma")
-    d.line([(L, T), (L, H - B), (W - R, H - B)], "black", 2)  # axes
-    d.text(((L + W - R) / 2, H - 22), xlabel, "black", f, anchor="ms")
-    d.text(((L + W - R) / 2, 30), title, "black", f, anchor="ms")
-    ylab = Image.new("RGBA", (300, 24), (255, 255, 255, 0))
-    ImageDraw.Draw(ylab).text((150, 12), ylabel, "black", f, anchor="mm")
-    ylab = ylab.rotate(90, expand=True)
-    img.paste(ylab, (8, int((T + H - B) / 2 - ylab.height / 2)), ylab)
-    legend = [(k, v, False) for k, v in series.items()] + [(k, v, True) for k, v in reference.items()]
-    for n, (label, pts, dashed) in enumerate(legend):
-        c = COLOURS[n % len(COLOURS)]
-        pts = sorted((x, y) for x, y in pts.items() if y is not None)
-        xy = [(px(x), py(y)) for x, y in pts]
-        for a, b in zip(xy, xy[1:]):
-            _dashed(d, a, b, c, 2) if dashed else d.line([a, b], c, 3)
-        for x, y in xy:
-            r = 3 if dashed else 5
-            d.ellipse([x - r, y - r, x + r, y + r], fill=c if not dashed else "white", outline=c, width=2)
-        ly = T + 10 + 24 * n  # legend, right of the plot
-        if dashed:
-            _dashed(d, (W - R + 15, ly), (W - R + 45, ly), c, 2, dash=6)
-        else:
-            d.line([(W - R + 15, ly), (W - R + 45, ly)], c, 3)
-        d.text((W - R + 52, ly), label, "black", fs, anchor="lm")
-    img.save(path)
-    return img
-
-
-def jet(v):
-    """A jet-like colour ramp: v in [0, 1] (array) -> uint8 RGB, blue -> cyan -> green -> yellow -> red."""
-    v = np.clip(np.asarray(v, dtype=np.float32), 0, 1)[..., None]
-    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where r, g, b peak
-    rgb = np.clip(1.5 - np.abs(4 * (v - centres)), 0, 1)
-    return (255 * rgb).astype(np.uint8)
-
-
-# -----------------------------------------------------------------------------
 # the resolution sweep (paper Table 3 / Figure 4)
 
 
@@ -651,10 +539,10 @@ def sweep_report(name, summaries, stem, label="ours"):
         if name == "HRBench-4K":
             row += [_fmt(v.get(t)) for v in PAPER_TABLE3.values()]
         lines.append(f"| {t} | " + " | ".join(row) + " |")
-    write_atomic(stem + ".sweep.md", "\n".join(lines) + "\n")
+    atomic_write(stem + ".sweep.md", "\n".join(lines) + "\n")
     series = {f"{label} ({m})": {t: summaries[(m, t)]["score"] for t in budgets if (m, t) in summaries} for m in modes}
     ref = PAPER_TABLE3 if name == "HRBench-4K" else None
-    plot_lines(series, stem + ".sweep.png", f"{name}: score vs. visual-token budget", "total visual tokens",
+    plots.plot_lines(series, stem + ".sweep.png", f"{name}: score vs. visual-token budget", "total visual tokens",
                "score (%)", ref)
     print("\n".join(lines))
     print(f"wrote {stem}.sweep.md and {stem}.sweep.png")
@@ -671,42 +559,6 @@ def sweep_report(name, summaries, stem, label="ours"):
 # queries put on the text keys, is zero without an inquiry and has no vanilla counterpart.
 # In ViLaVT's last layer (query-aware) the softmax runs over [image keys ; inquiry keys], so
 # the inquiry shifts this distribution directly and through every earlier query-aware layer.
-
-
-def explicit_attention(attn, x, lay, seg, text, with_output=False, chunk_elems=2 ** 27):
-    """One vision layer's attention written out: softmax(q k^T / sqrt(d)) per attention segment
-    (window, image or query group), keys = [the segment's image tokens ; its inquiry keys], the
-    same inputs as encoder.VisionAttention.forward. Returns (attention each image token
-    receives, mean over heads, summed over queries: (N,); and with_output the layer's output,
-    which tests compare with the SDPA path). Queries go in chunks so the (heads, rows, keys)
-    matrix stays near chunk_elems floats even for a 32k-patch image."""
-    from encoder import rotate_fp32
-    N, H, D = x.shape[0], attn.n_heads, attn.head_dim
-    q, k, v = attn.qkv(x).view(N, 3, H, D).unbind(1)
-    q, k = rotate_fp32(q, lay.cos, lay.sin).float(), rotate_fp32(k, lay.cos, lay.sin).float()
-    tk = tv = None
-    if attn.query_aware and text is not None and text.shape[0] > 0:
-        tk = rotate_fp32(attn.instruct_key_proj(text).view(-1, H, D), lay.tcos, lay.tsin).float()
-        tv = attn.instruct_value_proj(text).view(-1, H, D)
-    received = torch.zeros(N, device=x.device)
-    out = torch.zeros(N, H, D, device=x.device) if with_output else None
-    for s in range(len(seg.cu) - 1):
-        a, b = seg.cu[s], seg.cu[s + 1]
-        ta, tb = seg.tcu[s]
-        keys, vals = k[a:b], v[a:b]
-        if tk is not None and tb > ta:
-            keys, vals = torch.cat([keys, tk[ta:tb]]), torch.cat([vals, tv[ta:tb]])
-        keys, vals = keys.transpose(0, 1), vals.float().transpose(0, 1)  # (H, Lk, D)
-        rows = max(1, chunk_elems // (H * keys.shape[1]))
-        for r in range(a, b, rows):
-            e = min(b, r + rows)
-            w = (q[r:e].transpose(0, 1) @ keys.transpose(1, 2) / math.sqrt(D)).softmax(-1)  # (H, rows, Lk)
-            received[a:b] += w[:, :, :b - a].mean(0).sum(0)
-            if with_output:
-                out[r:e] = (w @ vals).transpose(0, 1)
-    if with_output:
-        out = attn.proj(out.reshape(N, H * D).to(x.dtype))
-    return received, out
 
 
 @torch.no_grad()
@@ -726,7 +578,7 @@ def attention_received(model, ct, img, query, max_pixels, chunk_elems=2 ** 27):
     finally:
         hook.remove()
     x, lay, seg, text = captured["args"]  # VisionBlock calls attn(norm1(x), lay, seg, text)
-    received, _ = explicit_attention(attn, x, lay, seg, text, chunk_elems=chunk_elems)
+    received, _ = encoder.explicit_attention(attn, x, lay, seg, text, chunk_elems=chunk_elems)
     grid_map = patch_grid(received, lay, grid, model.visual.cfg.spatial_merge_size)
     return (grid_map / grid_map.sum()).cpu().numpy()
 
@@ -740,37 +592,6 @@ def patch_grid(values, lay, grid_thw, m=2):
     return unit.reshape(h // m, w // m, m, m, *values.shape[1:]).transpose(1, 2).reshape(h, w, *values.shape[1:])
 
 
-def attention_figure(img, maps, titles, path, panel=560):
-    """Panels side by side: the image with each map overlaid (jet, alpha 0.5), one colour
-    scale for all panels so sharper attention shows as sharper; a colour bar below."""
-    vmax = max(float(np.percentile(m, 99.5)) for m in maps) or 1.0
-    vmin = min(float(m.min()) for m in maps)
-    scale = panel / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    base = np.asarray(img.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-    top, gap, bar = 40, 16, 50
-    out = Image.new("RGB", (len(maps) * size[0] + (len(maps) + 1) * gap, top + size[1] + bar), "white")
-    d = ImageDraw.Draw(out)
-    f = _font(15)
-    for n, (m, title) in enumerate(zip(maps, titles)):
-        heat = Image.fromarray(((m - vmin) / max(vmax - vmin, 1e-12)).astype(np.float32), mode="F")
-        heat = np.asarray(heat.resize(size, Image.Resampling.BILINEAR))
-        blend = 0.5 * base + 0.5 * jet(heat).astype(np.float32)
-        x0 = gap + n * (size[0] + gap)
-        out.paste(Image.fromarray(blend.clip(0, 255).astype(np.uint8)), (x0, top))
-        d.text((x0 + size[0] / 2, top / 2), title if len(title) <= 70 else title[:67] + "...", "black", f, anchor="mm")
-    ramp = jet(np.linspace(0, 1, 256)[None, :].repeat(12, 0))
-    bw = min(300, out.width - 2 * gap)
-    bx, by = (out.width - bw) // 2, top + size[1] + 12
-    out.paste(Image.fromarray(ramp).resize((bw, 12)), (bx, by))
-    d.text((bx - 6, by + 6), "low", "black", _font(13), anchor="rm")
-    d.text((bx + bw + 6, by + 6), "high", "black", _font(13), anchor="lm")
-    d.text((out.width / 2, by + 26), "attention received, last vision layer, mean over heads", "black", _font(12),
-           anchor="mt")
-    out.save(path)
-    return out
-
-
 def cmd_attn_map(args):
     model, ct = load_model(args)
     img = data.load_image(args.image)
@@ -779,7 +600,7 @@ def cmd_attn_map(args):
     without = attention_received(model, ct, img, "", max_pixels)
     out = args.out or "attn_map.png"
     note = "" if model.is_vilavt else " (vanilla ViT: the inquiry is ignored)"
-    attention_figure(img, [with_q, without], [f"inquiry: {args.query!r}{note}", "empty inquiry"], out)
+    plots.attention_figure(img, [with_q, without], [f"inquiry: {args.query!r}{note}", "empty inquiry"], out)
     print(f"wrote {out} (patch grid {with_q.shape[0]}x{with_q.shape[1]})")
 
 
@@ -814,7 +635,7 @@ def cmd_score(args):
         labels.append(os.path.basename(res))
     md = markdown(summaries, labels=labels if len(set(s["name"] for s in summaries)) < len(summaries) else None)
     out = args.out or os.path.splitext(args.score[0])[0] + ".md"
-    write_atomic(out, md)
+    atomic_write(out, md)
     print(md + f"\nwrote {out}")
     return summaries
 
@@ -846,7 +667,7 @@ def cmd_run(args):
             if s is not None:
                 summaries[(mode, tokens)] = s
                 md = markdown([s], title=f"Results: {name}, mode {mode}, {tokens} visual tokens")
-                write_atomic(os.path.splitext(o)[0] + ".md", md)
+                atomic_write(os.path.splitext(o)[0] + ".md", md)
                 print(md)
     if args.sweep and len(summaries) == len(budgets) * len(modes):
         sweep_report(name, summaries, stem, os.path.basename(os.path.normpath(args.model)))

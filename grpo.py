@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
+import plots
 import reward
 import rollout
 from model import config_to_hf
@@ -99,13 +100,10 @@ def load_prompts(path, image_root, skip_bad):
 
 
 def make_prompt(where, rec, image_root, budget):
+    """A record's prompt, read as SFT reads it (data.record_prompt); a "direct" record makes no tool calls."""
     imgs = data.load_originals(rec, where, image_root, budget.max_frames)
-    question = data.format_question(rec["question"], rec.get("options"))
-    if rec.get("mode") == "direct":  # a no-tool record: its own prompt (data.render_sample), no tool calls
-        return rollout.Prompt(imgs, question, 0, rec.get("max_pixels"), system=data.PLAIN_SYSTEM,
-                              instructions=data.DIRECT_INSTRUCTIONS)
-    return rollout.Prompt(imgs, question, rec.get("max_tool_calls"), rec.get("max_pixels"), system=rec.get("system"),
-                          user=rec.get("prompt"))  # a record's own prompts (e.g. the zoom world's), if it has them
+    t_max = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls")
+    return rollout.Prompt(imgs, max_tool_calls=t_max, max_pixels=rec.get("max_pixels"), **data.record_prompt(rec))
 
 
 def score(traj, rec):
@@ -393,9 +391,8 @@ def dump(path, step, trajs, scores, adv):
 # training-dynamics figure (like the paper's Figure 9)
 
 
-def plot(log_path, cols=4):
+def plot(log_path):
     """One PNG next to LOG (log.png) with a panel per curve, linear axes, step on x."""
-    from PIL import Image, ImageDraw
     with open(log_path) as f:
         rows = [json.loads(ln) for ln in f if ln.strip()]
     if not rows:
@@ -405,29 +402,8 @@ def plot(log_path, cols=4):
               ("invalid_rate", "invalid-call rate"), ("clip_frac", "clip fraction"), ("approx_kl", "approx. KL to old"),
               ("entropy", "entropy"), ("grad_norm", "grad norm"), ("rollout_tok_s", "rollout tokens/s"),
               ("update_tok_s", "update tokens/s")]
-    pw, ph, m = 360, 240, 46  # panel size, margin
-    img = Image.new("RGB", (cols * pw, -(-len(curves) // cols) * ph), "white")
-    d = ImageDraw.Draw(img)
-    xs = [r["step"] for r in rows]
-    for n, (key, label) in enumerate(curves):
-        ox, oy = (n % cols) * pw, (n // cols) * ph
-        ys = [r[key] for r in rows]
-        lo, hi = min(ys), max(ys)
-        lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        px = lambda x: ox + m + (x - x0) / (x1 - x0) * (pw - m - 12)  # noqa: E731
-        py = lambda y: oy + ph - 30 - (y - lo) / (hi - lo) * (ph - 62)  # noqa: E731
-        d.rectangle([ox + m, oy + 32, ox + pw - 12, oy + ph - 30], outline=(160, 160, 160))
-        for t in range(5):  # y ticks
-            y = lo + t * (hi - lo) / 4
-            d.text((ox + m - 4, py(y)), f"{y:.3g}", "black", anchor="rm")
-        d.text((px(x0), oy + ph - 26), str(x0), "black", anchor="la")
-        d.text((px(x1), oy + ph - 26), str(x1), "black", anchor="ra")
-        d.text((ox + pw / 2, oy + 16), label, "black", anchor="mm")
-        d.line([(px(x), py(y)) for x, y in zip(xs, ys)] if len(xs) > 1 else [(px(xs[0]), py(ys[0]))] * 2,
-               (31, 100, 220), 2)
     path = os.path.splitext(log_path)[0] + ".png"
-    img.save(path)
+    plots.plot_panels([(label, {r["step"]: r[key] for r in rows}) for key, label in curves], path)
     print(path)
     return path
 

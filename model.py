@@ -549,18 +549,18 @@ def save_checkpoint(state_dict, cfg, out_dir, max_shard_bytes=5 * 2**30):
     shards.append(cur)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(shards[0], p, metadata=meta))
+        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(shards[0], p, metadata=meta))
         names = ["model.safetensors"]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            _atomic(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(os.path.join(out_dir, name), lambda p, s=shard: save_file(s, p, metadata=meta))
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+        atomic_write(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=2))
     d = config_to_hf(cfg)
     d["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    _atomic_json(os.path.join(out_dir, "config.json"), d)
+    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(d, indent=2))
     # a stale single file or index next to a freshly sharded save would shadow it
     for stale in ({"model.safetensors.index.json"} if len(shards) == 1 else {"model.safetensors"}):
         if os.path.exists(os.path.join(out_dir, stale)):
@@ -581,22 +581,22 @@ def _short(keys, n=12):
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _atomic(path, write):
+def atomic_write(path, content):
+    """The project's one way to write a file that others read: into a temp file in the same
+    folder, then renamed over `path`, so a reader (or a resumed run) never sees half a file.
+    content: str, bytes, or a function that writes the temp path it is given."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
     try:
-        write(tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+                f.write(content)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _atomic_json(path, obj):
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=2)
-    _atomic(path, write)
 
 
 def safetensors_files(folder):

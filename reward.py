@@ -344,34 +344,39 @@ def mra_vsibench(pred, gold) -> float:
     return sum(rel <= 1 - c for c in _VSI_THRESHOLDS) / len(_VSI_THRESHOLDS)
 
 
-def _normalise_text(text):
+def normalise_text(text):
     """Lowercase, drop punctuation, collapse whitespace: "Yes." -> "yes"."""
-    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+    return " ".join(re.sub(r"[^\w\s]", "", str(text).lower()).split())
 
 
-# problem_type spellings: lowercase, "_" and "-" read as spaces, then these aliases.
-_PROBLEM_TYPES = {
+# The problem types, defined once for the project: records (data.py), benchmarks (eval.py) and
+# the reward all read `problem_type` through problem_kind. Spellings: lowercase, "_" and "-"
+# read as spaces, then these aliases.
+PROBLEM_TYPES = ("multiple choice", "numerical", "yes/no", "free-form")
+_ALIASES = {
     "multiple choice": "multiple choice", "mc": "multiple choice",
     "numerical": "numerical", "numeric": "numerical",
     "regression": "numerical",  # scored exactly like numerical (paper: MRA)
     "yes/no": "yes/no", "yes no": "yes/no", "yesno": "yes/no",
+    "free form": "free-form", "freeform": "free-form", "open": "free-form", "open ended": "free-form",
 }
 
 
-def _canonical_type(problem_type):
+def problem_kind(problem_type) -> str:
+    """One of PROBLEM_TYPES for a problem_type spelling ("mc", "Multiple-Choice", "regression",
+    "yes_no", "free form", ...). ValueError naming the accepted spellings otherwise."""
     key = " ".join(str(problem_type).lower().replace("_", " ").replace("-", " ").split())
-    if key not in _PROBLEM_TYPES:
-        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {sorted(_PROBLEM_TYPES)}")
-    return _PROBLEM_TYPES[key]
+    if key not in _ALIASES:
+        raise ValueError(f"unknown problem_type {problem_type!r}; expected one of {sorted(_ALIASES)}")
+    return _ALIASES[key]
 
 
 def answer_correct(pred_text: str | None, gold, problem_type: str) -> float:
-    """R_correct (paper sec. 3.4) of an extracted answer. problem_type: "multiple choice"
-    (aliases "mc", "multiple_choice", "multiple-choice"), "numerical" ("numeric"),
-    "regression", "yes/no" ("yes_no", "yes no", "yesno"); case-insensitive.
-    MC: 1/0 letter match; yes/no: 1/0 normalised exact match; numbers: mra (paper's).
+    """R_correct (paper sec. 3.4) of an extracted answer, by problem_kind(problem_type).
+    MC: 1/0 letter match; numbers: mra (the paper's); yes/no and free-form: 1/0 normalised
+    exact match (the paper's RL data has no free-form questions; this is eval's rule).
     pred_text None (no <answer>) scores 0. A gold that cannot be scored raises ValueError."""
-    kind = _canonical_type(problem_type)
+    kind = problem_kind(problem_type)
     if kind == "multiple choice":
         gold_letter = mc_letter(str(gold))
         if gold_letter is None:
@@ -379,9 +384,9 @@ def answer_correct(pred_text: str | None, gold, problem_type: str) -> float:
         return float(mc_letter(pred_text) == gold_letter)
     if pred_text is None:
         return 0.0
-    if kind == "yes/no":
-        return float(_normalise_text(pred_text) == _normalise_text(str(gold)))
-    return mra(pred_text, gold)
+    if kind == "numerical":
+        return mra(pred_text, gold)
+    return float(normalise_text(pred_text) == normalise_text(gold))
 
 
 # -----------------------------------------------------------------------------

@@ -51,16 +51,16 @@ class Prompt:
     question: str  # with options already appended (data.format_question)
     max_tool_calls: int | None = None
     max_pixels: int | None = None  # per original image; None = the budget's share
-    system: str | None = None  # None = the paper's Figure 15 system prompt
+    system: str = data.SYSTEM_PROMPT  # the paper's Figure 15
     instructions: str | None = None  # text after the question; None = Figure 16's tool/answer formats
     user: str | None = None  # a whole user turn with '<image>' placeholders (replaces Figure 16)
+    # (a record's prompt: Prompt(images, max_tool_calls=..., **data.record_prompt(rec)))
 
 
 @dataclass
 class Trajectory:
     ids: list  # every token of the conversation
     policy_mask: list  # 1 where the policy generated the token (observations, image pads, headers: 0)
-    logprobs: list  # the sampler's log p(token) under the model's own (T=1) distribution; 0 where mask is 0
     context: Context  # originals and crops (regions, bboxes, parents), encoder groups, queries
     prompt_len: int
     turns: list = field(default_factory=list)  # decoded assistant turns (without <|im_end|>)
@@ -116,14 +116,11 @@ class _Row:
     next_pos: int = 0  # next M-RoPE text position
     turn: list = field(default_factory=list)  # current turn's policy tokens
     n_new: int = 0
-    forced: list | None = None  # scripted policy (tests): the tokens to emit
 
 
-def _append(row, ids, policy, logps=None):
-    t = row.traj
-    t.ids += ids
-    t.policy_mask += [int(policy)] * len(ids)
-    t.logprobs += logps if logps is not None else [0.0] * len(ids)
+def _append(row, ids, policy):
+    row.traj.ids += ids
+    row.traj.policy_mask += [int(policy)] * len(ids)
 
 
 def _positions(ids, grids, start, image_token_id):
@@ -196,10 +193,9 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry):
 
 
 @torch.no_grad()
-def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), forced=None,
-            inquiry=True):
+def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
-    forced: optional per-row token lists (a scripted policy, for tests). inquiry=False is the
+    The token log-probs are not kept: GRPO recomputes them on the returned tokens. inquiry=False is the
     paper's "w/o inquiry" ablation (section 4.4, q = empty set): each tool call's crops are still
     encoded jointly as one group, but with no inquiry tokens; the policy's text keeps its query."""
     device = model.lm_head.weight.device
@@ -215,8 +211,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     ctxs, prompt_ids, encs = [], [], []
     for b, p in enumerate(prompts):
         ctx = Context(p.images, p.max_pixels or budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
-        parts = prompt_parts([v.display for v in ctx.views], p.question, data.SYSTEM_PROMPT if p.system is None else p.system,
-                             p.user, p.instructions)
+        parts = prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
         ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
         ctxs.append(ctx), prompt_ids.append(ids), encs.append(ctx.encoder_inputs(ctx.views, ct))
@@ -234,11 +229,9 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         next_pos = int(pos[:, b, :len(ids) - 1].max()) + 1  # the last prompt token is text: max + 1
         for g in range(G):
             c = ctxs[b] if g == 0 else _copy_context(ctxs[b])
-            traj = Trajectory(ids=list(ids), policy_mask=[0] * len(ids), logprobs=[0.0] * len(ids), context=c,
-                              prompt_len=len(ids))
+            traj = Trajectory(ids=list(ids), policy_mask=[0] * len(ids), context=c, prompt_len=len(ids))
             t_max = p.max_tool_calls if p.max_tool_calls is not None else limits.max_tool_calls
-            rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=next_pos,
-                             forced=None if forced is None else list(forced[b * G + g])))
+            rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=next_pos))
     live = list(range(n))  # row i of the cache holds rows[live[i]]
     while live:
         # ---- observations: prefill all but the last fed token, one row at a time
@@ -258,20 +251,16 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         cache_pos = torch.tensor([rows[r].cache_len for r in live], device=device)
         pos = torch.tensor([rows[r].next_pos for r in live], device=device).view(1, -1, 1).expand(3, -1, 1)
         logits = model(x, position_ids=pos, cache=cache, cache_pos=cache_pos)[:, -1].float()
-        logp = logits.log_softmax(-1)
         # the policy never writes image blocks: a sampled <|image_pad|> would be an image slot
-        # with no image behind it (the log-probs stay those of the unmasked model)
-        toks = sample(logits.index_fill(-1, banned, float("-inf")), sampling, gen).tolist()
+        # with no image behind it (GRPO's log-probs are those of the unmasked model)
+        toks = sample(logits.index_fill(-1, banned, float("-inf")), sampling, gen).tolist()  # one host sync per step
         keep = []
         for i, r in enumerate(live):
             row = rows[r]
             row.cache_len += 1
             row.next_pos += 1
             tok = toks[i]
-            if row.forced is not None:
-                assert row.forced, f"row {r}: scripted policy ran out of tokens"
-                tok = row.forced.pop(0)
-            _append(row, [tok], policy=True, logps=[float(logp[i, tok])])
+            _append(row, [tok], policy=True)
             row.turn.append(tok)
             row.n_new += 1
             finish = _end_turn(row, tok, model, ct, limits, device, inquiry)

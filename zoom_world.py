@@ -46,8 +46,8 @@ from transformers import AutoTokenizer  # the tokenizer class only, no modeling 
 from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FACTOR, FINAL_NOTE, IMAGE, MIN_PIXELS, PLAIN_SYSTEM,
                   SYSTEM_PROMPT, TOOL_FORMAT, Budget, crop_size, format_question, images_header, map_bbox,
                   observation_parts, prompt_parts, smart_resize, train_tokenizer)
-from eval import final_answer, load_bench, read_results, results_files, score_answer, write_atomic
-from model import ViLaVT, tiny_config
+from eval import final_answer, load_bench, read_results, results_files, score_answer
+from model import ViLaVT, atomic_write, tiny_config
 from reward import format_ok
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -774,9 +774,9 @@ def main(argv=None):
         rows.append(dict(name=row, **demo_metrics(questions, lines), checkpoint=ckpt, mode=flags.split()[1],
                          inquiry="--no-inquiry" not in flags, decoding="greedy"))
     times["eval"] = time.time() - t
-    write_atomic(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
+    atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
     md = demo_table(rows)
-    write_atomic(os.path.join(demo, "results.md"), md)
+    atomic_write(os.path.join(demo, "results.md"), md)
     print("\n" + md + f"\nwrote {os.path.join(demo, 'results.json')}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; in all {(time.time() - t0) / 60:.1f} min ({torch.get_num_threads()} threads per process)")
@@ -806,7 +806,7 @@ def demo_metrics(questions, lines):
         line = lines[str(q["qid"])]
         ok = line.get("error") is None
         s = score_answer(final_answer(line["response"], line["mode"]), q)[0] if ok else 0.0
-        (mc if q["kind"] == "mc" else num).append(s)
+        (mc if q["kind"] == "multiple choice" else num).append(s)
         if q["meta"].get("category") == "multi":
             multi.append(s == 1.0)
         if not ok:

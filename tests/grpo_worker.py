@@ -17,6 +17,7 @@ import grpo  # noqa: E402
 import rollout  # noqa: E402
 from data import ChatTokenizer  # noqa: E402
 from data import load_tokenizers  # noqa: E402
+from scripted import Scripted  # noqa: E402
 from training import build_model, dist_setup, dist_teardown, make_optimizer  # noqa: E402
 
 P, G = 4, 2
@@ -48,7 +49,7 @@ def main():
     model.eval()
     grpo.unsharded(model, True)
     with torch.no_grad():
-        trajs = rollout.rollout(model, ct, prompts, G, forced=forced)
+        trajs = rollout.rollout(Scripted(model, forced), ct, prompts, G)
     grpo.unsharded(model, False)
     model.train()
     rewards = [REWARDS[p * G + g] for p in mine for g in range(G)]

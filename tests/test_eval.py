@@ -15,6 +15,7 @@ import eval as E
 import rollout
 import zoom_world
 from data import ChatTokenizer
+import encoder
 from encoder import VisionConfig, make_layout
 from model import ViLaVT, tiny_config
 
@@ -53,7 +54,7 @@ def test_every_benchmark_loads(benches):
         qs = benches[f]
         assert len(qs) == n and not [q for q in qs if "error" in q], f
         assert E.bench_name(f) == name and E.default_tool_limit(name) == t_max
-        assert {q["kind"] for q in qs} == {"mc"} and all(q["gold_letter"] in "ABCD" for q in qs)
+        assert {q["kind"] for q in qs} == {"multiple choice"} and all(q["gold_letter"] in "ABCD" for q in qs)
 
 
 def by_id(qs, qid):
@@ -112,7 +113,7 @@ def test_erqa_interleaved_images_go_at_their_placeholders(benches):
 def test_record_formats_and_literals():
     rec = dict(question="How far?", answer="3.5", problem_type="regression", options="None", images="['a/1.jpg']")
     q = E.normalize(rec, 7)
-    assert q["qid"] == 7 and q["images"] == ["a/1.jpg"] and q["options"] is None and q["kind"] == "num"
+    assert q["qid"] == 7 and q["images"] == ["a/1.jpg"] and q["options"] is None and q["kind"] == "numerical"
     assert E.question_text(q) == "How far?" + NUM
     q = E.normalize(dict(question="Which?", answer="B. dog", problem_type="multiple choice",
                          options="['A. cat', 'B. dog']", images=["x.png"], question_id="q1"), 0)
@@ -196,7 +197,7 @@ def test_scores_from_a_results_file(tmp_path):
 def test_plain_mode_reads_the_whole_reply():
     assert E.final_answer("B", "plain") == "B" and E.final_answer("B", "chat") is None
     assert E.final_answer("<think>t</think><answer> C </answer>", "plain") == "C"
-    q = dict(kind="mc", gold_letter="B", answer="B")
+    q = dict(kind="multiple choice", gold_letter="B", answer="B")
     assert E.score_answer(E.final_answer(" B.", "plain"), q) == (1.0, "B")
 
 
@@ -430,7 +431,7 @@ def test_explicit_attention_matches_the_encoder(tokenizer):
         m.encode_images(pv, grid[None], qids, qmask, torch.tensor([0]))
         x, lay, seg, text = got["args"]
         assert text.shape[0] == int(qmask.sum())  # the inquiry's keys are in play
-        received, out = E.explicit_attention(attn, x, lay, seg, text, with_output=True, chunk_elems=500)
+        received, out = encoder.explicit_attention(attn, x, lay, seg, text, with_output=True, chunk_elems=500)
     assert torch.allclose(out, got["out"], atol=1e-5)
     N = x.shape[0]
     assert received.sum() < N and received.sum() > 0.5 * N  # some mass goes to the inquiry keys

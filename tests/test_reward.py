@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reward  # noqa: E402
 
 from reward import (  # noqa: E402
-    Turn, answer_correct, extract_answer, format_ok, mc_letter, mra, mra_vsibench, parse_turn, score, to_number,
-    validate_tool_call)
+    Turn, answer_correct, extract_answer, format_ok, mc_letter, mra, mra_vsibench, parse_turn, problem_kind, score,
+    to_number, validate_tool_call)
 
 # -----------------------------------------------------------------------------
 # MRA. Paper: rel < 1 - theta for 1 - theta in {.50,.45,.40,.35,.30,.25,.20,.15,.10,.05}, exact.
@@ -151,14 +151,30 @@ def test_mc_letter(text, letter):
     ("twelve", 10, "numerical", 0.0),
     (None, 10, "numerical", 0.0),
     ("B", "B", "Multiple-Choice", 1.0),
+    ("A red car.", "a red car", "free-form", 1.0),  # normalised exact match, as eval scores it
+    ("a blue car", "a red car", "free form", 0.0),
 ])
 def test_answer_correct(pred, gold, ptype, value):
     assert answer_correct(pred, gold, ptype) == pytest.approx(value)
 
 
 def test_answer_correct_unknown_type_names_it():
-    with pytest.raises(ValueError, match="free-form"):
-        answer_correct("x", "x", "free-form")
+    with pytest.raises(ValueError, match="'essay'.*multiple choice"):
+        answer_correct("x", "x", "essay")
+
+
+def test_problem_types_are_one_definition():
+    """data.py validates records and eval.py reads benchmarks with reward.problem_kind: a type
+    one accepts, every other scores (the free-form record that once loaded and then crashed the
+    reward mid-run)."""
+    import data
+    import eval as E
+    rec = {"images": ["a.png"], "question": "Q", "answer": "a red car", "problem_type": "free-form"}
+    assert data.check_record(rec, "x:1")["problem_type"] == "free-form"
+    assert answer_correct("a red car", rec["answer"], rec["problem_type"]) == 1.0
+    assert E.normalize(rec, 0)["kind"] == problem_kind("free-form") == "free-form"
+    with pytest.raises(data.RecordError, match="x:1: field 'problem_type'"):
+        data.check_record(dict(rec, problem_type="essay"), "x:1")
 
 
 def test_answer_correct_mc_gold_without_letter_raises():

@@ -12,6 +12,7 @@ import data
 import rollout
 from data import Budget, ChatTokenizer
 from model import ViLaVT, tiny_config
+from scripted import Scripted
 
 
 
@@ -69,7 +70,7 @@ def test_scripted_trajectory_equals_rendering(tmp_path, model, ct):
         im.save(tmp_path / name)
     gold = data.render_sample(TWO_CALLS, "gold", str(tmp_path), ct, BUDGET)
     prompt = rollout.Prompt([data.load_image(str(tmp_path / n)) for n in TWO_CALLS["images"]], TWO_CALLS["question"])
-    traj = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[policy_tokens(ct, TWO_CALLS["steps"])])[0]
+    traj = rollout.rollout(Scripted(model, [policy_tokens(ct, TWO_CALLS["steps"])]), ct, [prompt], budget=BUDGET)[0]
     assert traj.finish == "answer" and traj.answer == "3" and traj.n_tool_calls == 2 and traj.n_invalid == 0
     assert traj.ids == gold["input_ids"].tolist()
     assert ct.decode(traj.ids) == gold["text"]
@@ -102,30 +103,33 @@ def test_no_inquiry_blanks_the_query_at_re_encoding_only(model, ct):
     """inquiry=False (the paper's "w/o inquiry"): the same tokens and crop groups, the crops
     encoded with no query tokens, hence other features for the turns after the first call."""
     prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
-    forced = [policy_tokens(ct, TWO_CALLS["steps"])]
-    a = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=forced)[0]
-    b = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[list(forced[0])], inquiry=False)[0]
+    script = policy_tokens(ct, TWO_CALLS["steps"])
+    sa, sb = Scripted(model, [script]), Scripted(model, [script])
+    a = rollout.rollout(sa, ct, [prompt], budget=BUDGET)[0]
+    b = rollout.rollout(sb, ct, [prompt], budget=BUDGET, inquiry=False)[0]
     assert b.ids == a.ids and b.turns == a.turns and [v.group for v in b.context.views] == [0, 1, 2, 2, 3]
     assert b.context.queries == [""] * 4 and a.context.queries[2:] == ["count the dots on the red card", "the dots"]
     assert b.encoder_inputs(ct)["query_mask"].sum() == 0 < a.encoder_inputs(ct)["query_mask"].sum()
     fa, fb = (model.encode_images(**t.encoder_inputs(ct)) for t in (a, b))
     n_orig = sum(int(g.prod()) for g in a.encoder_inputs(ct)["grid_thw"][:2]) // 4  # merged tokens of the originals
     assert torch.equal(fa[:n_orig], fb[:n_orig]) and (fa[n_orig:] - fb[n_orig:]).abs().max() > 1e-5  # (random weights)
-    first_obs = a.ids.index(ct.im_end, a.ids.index(ct.encode("<tool>")[0]))  # the first tool turn's end
-    la, lb = torch.tensor(a.logprobs), torch.tensor(b.logprobs)
-    assert torch.equal(la[:first_obs], lb[:first_obs]) and not torch.equal(la, lb)
+    first = sum(a.policy_mask[:a.ids.index(ct.im_end, a.prompt_len)])  # policy tokens up to the first observation
+    la, lb = sa.logprobs(0, a), sb.logprobs(0, b)
+    assert torch.equal(la[:first], lb[:first]) and not torch.equal(la, lb)
 
 
 def test_logprobs_recomputed_on_returned_tokens(tmp_path, model, ct):
     """No decode-then-retokenize drift: a full forward over traj.ids (all images re-encoded in
-    their groups) gives the sampler's log-probs at every policy token."""
+    their groups) gives the decode steps' log-probs (KV cache, observation prefills) at every
+    policy token."""
     prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
-    traj = rollout.rollout(model, ct, [prompt], budget=BUDGET, forced=[policy_tokens(ct, TWO_CALLS["steps"])])[0]
+    policy = Scripted(model, [policy_tokens(ct, TWO_CALLS["steps"])])
+    traj = rollout.rollout(policy, ct, [prompt], budget=BUDGET)[0]
     ids = torch.tensor([traj.ids])
     h = model.hidden_states(ids, **traj.encoder_inputs(ct))
     lp = model.token_logprobs(h[:, :-1], ids[:, 1:])[0]
     mask = torch.tensor(traj.policy_mask[1:], dtype=torch.bool)
-    assert (lp[mask] - torch.tensor(traj.logprobs[1:])[mask]).abs().max() <= 1e-4
+    assert (lp[mask] - policy.logprobs(0, traj)).abs().max() <= 1e-4
 
 
 def prompts_of(n):
@@ -138,13 +142,15 @@ def test_batched_equals_one_at_a_time_and_group_copies(model, ct):
     lim = rollout.Limits(max_turn_tokens=12, max_new_tokens=12)
     greedy = rollout.Sampling(greedy=True)
     ps = prompts_of(3)
-    batched = rollout.rollout(model, ct, ps, group_size=2, sampling=greedy, limits=lim, budget=BUDGET)
+    rec = Scripted(model)  # records the decode steps' log-probs, lets the sampler choose
+    batched = rollout.rollout(rec, ct, ps, group_size=2, sampling=greedy, limits=lim, budget=BUDGET)
     for b, p in enumerate(ps):
-        single = rollout.rollout(model, ct, [p], sampling=greedy, limits=lim, budget=BUDGET)[0]
+        one = Scripted(model)
+        single = rollout.rollout(one, ct, [p], sampling=greedy, limits=lim, budget=BUDGET)[0]
         for g in range(2):
             t = batched[b * 2 + g]
             assert t.ids == single.ids and t.policy_mask == single.policy_mask
-            assert np.allclose(t.logprobs, single.logprobs, atol=1e-4)
+            assert torch.allclose(rec.logprobs(b * 2 + g, t), one.logprobs(0, single), atol=1e-4)
 
 
 def test_sampling_is_seeded(model, ct):
@@ -166,7 +172,7 @@ def run_steps(model, ct, turns, t_max=5, limits=rollout.Limits(), n_images=1):
     for k, text in enumerate(turns):
         forced += ct.encode(text) + ([] if text.rstrip().endswith("</tool>") else [ct.im_end])
     p = rollout.Prompt([noise_image(448, 336, 5 + i) for i in range(n_images)], "Q?", max_tool_calls=t_max)
-    return rollout.rollout(model, ct, [p], limits=limits, budget=BUDGET, forced=[forced])[0]
+    return rollout.rollout(Scripted(model, [forced]), ct, [p], limits=limits, budget=BUDGET)[0]
 
 
 def call_text(call):
@@ -219,6 +225,6 @@ def test_finished_rows_leave_the_batch(model, ct, monkeypatch):
     monkeypatch.setattr(ViLaVT, "forward", spy)
     short, long = ct.encode(ANSWER) + [ct.im_end], ct.encode(ANSWER + " and some more words here") + [ct.im_end]
     ps = prompts_of(2)
-    trajs = rollout.rollout(model, ct, ps, budget=BUDGET, forced=[short, long])
+    trajs = rollout.rollout(Scripted(model, [short, long]), ct, ps, budget=BUDGET)
     assert [t.finish for t in trajs] == ["answer", "answer"]
     assert batch_sizes[0] == 2 and batch_sizes[-1] == 1 and batch_sizes.count(2) == len(short)

@@ -22,6 +22,7 @@ import zoom_world as zw
 from conftest import ZW_CFG
 from data import Budget, ChatTokenizer, render_sample
 from model import ViLaVT, tiny_config
+from scripted import Scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ["direct", "chat", "grpo", "vanilla", "no_inquiry"]
@@ -161,7 +162,7 @@ def test_sft_grpo_and_eval_read_a_zoom_record_alike(tmp_path, tokenizer):
         imgs = data.load_originals(rec, where, root)
         t_max = 0 if mode == "direct" else rec["max_tool_calls"]
         for p in (grpo.make_prompt(where, rec, root, budget), E.make_prompt(q, imgs, mode, t_max, rec["max_pixels"])):
-            traj = rollout.rollout(model, ct, [p], budget=budget, forced=[list(forced)])[0]
+            traj = rollout.rollout(Scripted(model, [forced]), ct, [p], budget=budget)[0]
             assert traj.ids == gold["input_ids"].tolist(), kind
             assert traj.finish == "answer" and traj.n_tool_calls == len(rec["steps"]) - 1
 
