@@ -65,6 +65,7 @@ import data
 import encoder
 import plots
 import rollout
+from pixels import MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, load_image, preprocess_image
 from model import atomic_write
 from reward import extract_answer, mc_letter, mra_vsibench, normalise_text, parse_turn, problem_kind, to_number
 
@@ -184,8 +185,8 @@ def normalize(rec, index, max_frames=32):
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 0):
         raise ValueError(f"field 'max_tool_calls': {mt!r} is not a non-negative int")
     mp = rec.get("max_pixels")
-    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < data.MIN_PIXELS):
-        raise ValueError(f"field 'max_pixels': {mp!r} is not an int >= {data.MIN_PIXELS}")
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < MIN_PIXELS):
+        raise ValueError(f"field 'max_pixels': {mp!r} is not an int >= {MIN_PIXELS}")
     return dict(qid=question_id(rec, index), images=images, question=question, options=options, kind=kind,
                 answer=answer, gold_letter=gold_letter, meta=rec, max_tool_calls=mt, max_pixels=mp)
 
@@ -463,7 +464,7 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
                     print(f"[rank {rank}] {q['qid']}: FAILED {q['error']}")
                     continue
                 try:
-                    imgs = [data.load_image(os.path.join(args.image_root, p)) for p in q["images"]]
+                    imgs = [load_image(os.path.join(args.image_root, p)) for p in q["images"]]
                 except (OSError, ValueError) as e:
                     writer.write(dict(question_id=q["qid"], response=None, error=f"image: {e}", **common))
                     print(f"[rank {rank}] {q['qid']}: FAILED {e}")
@@ -568,7 +569,7 @@ def attention_received(model, ct, img, query, max_pixels, chunk_elems=2 ** 27):
     query '' = no inquiry. Runs the encoder's own forward and recomputes that one layer's
     attention weights explicitly from its inputs (the SDPA path stays untouched)."""
     dev, dt = model.lm_head.weight.device, model.visual.patch_embed.proj.weight.dtype
-    pv, grid = data.preprocess_image(img, data.MIN_PIXELS, max_pixels)
+    pv, grid = preprocess_image(img, MIN_PIXELS, max_pixels)
     qids, qmask = ct.queries([query])
     attn = model.visual.blocks[-1].attn
     captured = {}
@@ -594,8 +595,8 @@ def patch_grid(values, lay, grid_thw, m=2):
 
 def cmd_attn_map(args):
     model, ct = load_model(args)
-    img = data.load_image(args.image)
-    max_pixels = data.budget_per_crop(args.max_visual_tokens)  # as a re-encoded crop: the full budget
+    img = load_image(args.image)
+    max_pixels = budget_per_crop(args.max_visual_tokens)  # as a re-encoded crop: the full budget
     with_q = attention_received(model, ct, img, args.query, max_pixels)
     without = attention_received(model, ct, img, "", max_pixels)
     out = args.out or "attn_map.png"
@@ -685,7 +686,7 @@ def build_parser():
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--mode", default="chat", help=f"one of {MODES}, or a comma list (with --sweep)")
     p.add_argument("--max-tool-calls", type=int, help="T_max; default 5 for HRBench, 10 for spatial sets (paper)")
-    p.add_argument("--max-visual-tokens", type=int, default=data.TOTAL_VISUAL_TOKENS,
+    p.add_argument("--max-visual-tokens", type=int, default=TOTAL_VISUAL_TOKENS,
                    help="total visual-token budget of a question's images (paper: 8192)")
     p.add_argument("--sweep", help="comma list of --max-visual-tokens values (paper Table 3: 1024,2048,4096,8192)")
     p.add_argument("--max-frames", type=int, default=32, help="video records: frames sampled uniformly")

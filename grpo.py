@@ -10,7 +10,7 @@ One step (paper defaults 96 prompts x G=4):
      once for the whole rollout phase, not per decoded token), then reshards;
   2. scores with reward.py (Eq. 5);
   3. gathers every group's rewards over ranks (placement of a group's rollouts does not matter);
-  4. A = (R - mean_group) / (std_group + 1e-6);
+  4. A = (R - mean_group) / (std_group + delta), delta = 1e-6 (Eq. 6, App. C);
   5. recomputes old log-probs with the training model on exactly the rollout tokens (not the
      sampler's numbers);
   6. runs the Eq. 6 updates: ratio clipped to [1-0.2, 1+0.3], no KL, no reference model; the
@@ -43,9 +43,10 @@ from training import (build_model, dist_setup, dist_teardown, make_optimizer, op
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
-    """A(tau) = (R - mean_group) / (std_group + eps) over consecutive groups of G rollouts of
-    one prompt. std is unbiased (N-1), as in the release. A group whose rewards are all equal
-    gets A = 0 (0 / eps), never NaN. rewards: (N,) -> (N,)."""
+    """Eq. 6's A(tau) = (R - b) / (sigma + delta): b and sigma the mean and std of the rewards of
+    one prompt's G rollouts (consecutive groups), delta = eps (paper: 1e-6). std is unbiased
+    (N-1), as in the release. A group whose rewards are all equal gets A = 0 (0 / eps), never
+    NaN. rewards: (N,) -> (N,)."""
     assert group_size >= 2, "GRPO needs at least 2 rollouts per prompt (the unbiased std of 1 is undefined)"
     assert rewards.numel() % group_size == 0, f"{rewards.numel()} rewards are not groups of {group_size}"
     r = rewards.float().view(-1, group_size)
@@ -307,8 +308,8 @@ def train(args, rank, world, device):
     while True:
         last_step = step >= end
         if not args.bench and step > start and (last_step or step % args.save_every == 0):
-            run_meta = dict(step=step, num_steps=args.steps, args=vars(args), config=config_to_hf(cfg), world_size=world,
-                            init_from=init_from)
+            run_meta = dict(step=step, num_steps=args.steps, args=vars(args), config=config_to_hf(cfg),
+                            world_size=world, init_from=init_from)
             save(args.out_dir, step, model, opt, cfg, (ct.tok, ct.qtok), run_meta, model_dir, rank)
         if last_step:
             break

@@ -56,7 +56,8 @@ def rope_inv_freq(head_dim, theta, device=None):
 
 
 def init_linear_(module, std):
-    """The one init rule for every new or random weight: N(0, std) weights, zero biases."""
+    """N(0, std) weights, zero biases: ViLaVT.init_weights' rule for every Linear and Conv (and
+    from_pretrained gives ViLaVT's new layers the same N(0, 0.02) / zero)."""
     nn.init.normal_(module.weight, mean=0.0, std=std)
     if getattr(module, "bias", None) is not None:
         nn.init.zeros_(module.bias)

@@ -400,7 +400,7 @@ class ViLaVT(nn.Module):
             rows = (lens > 0).nonzero().flatten()
             if len(rows):  # empty inquiries contribute zero text tokens (SPEC 2)
                 L = int(lens.max())
-                h = self.text_encoder(query_ids[rows, :L], query_mask[rows, :L])  # (R, L, 1024)
+                h = self.text_encoder(query_ids[rows, :L], query_mask[rows, :L])  # Eq. 3: h_q = V_m(q), (R, L, 1024)
                 h = h[query_mask[rows, :L].bool()]  # valid tokens, groups in id order
                 text = self.text_proj(h.to(self.text_proj.weight.dtype))
         return self.visual(pixel_values, grid_thw, text, text_lens, image_to_query)

@@ -13,8 +13,8 @@ finish independently and are dropped from the cache, so they stop costing comput
 The returned Trajectory keeps the exact token ids, which of them the policy generated, and
 everything the encoder saw, so grpo.py recomputes log-probs on exactly the same tokens.
 
-    model, tok = rollout.load("out/sft/latest")
-    answer, traj = rollout.ask(model, ["photo.jpg"], "What is written on the sign?", tok)
+    model, ct = rollout.load("out/sft/latest")          # the model and its ChatTokenizer
+    answer, traj = rollout.ask(model, ["photo.jpg"], "What is written on the sign?", ct)
 """
 
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import torch
 
 import data
 from data import Budget, ChatTokenizer, Context, observation_parts, prompt_parts
+from pixels import load_image
 from model import ViLaVT, rope_index
 from reward import parse_turn, validate_tool_call
 
@@ -217,7 +218,8 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         ctxs.append(ctx), prompt_ids.append(ids), encs.append(ctx.encoder_inputs(ctx.views, ct))
     L = max(len(ids) for ids in prompt_ids) - 1
     batch_ids = torch.tensor([ids[:-1] + [ct.im_end] * (L + 1 - len(ids)) for ids in prompt_ids])
-    # originals: encoded once per prompt, not per sample; each image its own group, no inquiry
+    # Eq. 1's f_0 = V(I, empty set): the originals, encoded once per prompt (not per sample),
+    # each image its own group, no inquiry
     enc = _on_device(model, Context.merge_encoder_inputs(encs), device)
     pos, _ = rope_index(batch_ids, enc["grid_thw"].cpu(), image_token)
     model.hidden_states(batch_ids.to(device), **enc, position_ids=pos.to(device), cache=cache.view_rows(0, len(prompts)),
@@ -303,7 +305,7 @@ def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sa
         limits=Limits(), budget=Budget()):
     """Answer one question about one or more images (paths or PIL images), chatting with
     them as needed. Returns (answer text or None, Trajectory)."""
-    imgs = [data.load_image(i) if isinstance(i, str) else i.convert("RGB") for i in images]
+    imgs = [load_image(i) if isinstance(i, str) else i.convert("RGB") for i in images]
     p = Prompt(imgs, data.format_question(question, options), max_tool_calls)
     traj = rollout(model, ct, [p], 1, sampling, limits, budget)[0]
     return traj.answer, traj

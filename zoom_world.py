@@ -4,25 +4,18 @@ The zoom world: the CPU demo of the whole method, as a synthetic task and a driv
     python zoom_world.py              # data, tiny base models, SFT, GRPO, eval -> out/demo/results.md
     python zoom_world.py --smoke      # the same sequence in miniature under out/smoke/ (CI, ~1 min)
 
-The task (below) writes images and gold "chatting with images" trajectories in the project's
-record schema, answerable only by zooming in. The driver then runs the pipeline exactly as a
-user would type it: `python sft.py --model ... --data ...`, `python grpo.py ...`, `python eval.py
-...`, each command printed before it runs. The scripts know nothing of this file: they see an
-HF model folder and a JSONL file, as at 7B. This file owns the task's data, its tiny tokenizer,
-its tiny base models (a random ViLaVT and its vanilla twin), the sizes of every stage (PRESETS),
-and the task's own metrics (box hit, the results table).
+The task writes images and gold "chatting with images" trajectories in the project's record
+schema, answerable only by zooming in. The driver runs the pipeline as a user types it (`python
+sft.py --model ... --data ...`, then grpo.py, eval.py), printing each command first. The scripts
+know nothing of this file: they see an HF model folder and a JSONL file, as at 7B. This file
+owns the task's data, its tiny tokenizer and base models, the sizes of every stage (PRESETS) and
+the task's metrics (box hit, the results table). Folders under out/ (out/smoke/ with --smoke),
+each stage starting from the previous one's `latest`:
 
-Stages and folders (under out/, or out/smoke/ with --smoke), each starting from the previous
-one's `latest` checkpoint:
+    zoom/  tiny-base[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/  demo/ (<row>.jsonl, results.json, .md)
 
-    zoom/                   the task's images, train.jsonl, eval.jsonl, meta.json
-    tiny-base[-vanilla]/    random tiny ViLaVT (and its stock Qwen2.5-VL twin, no inquiry path)
-    sft[-vanilla]/          sft.py from the base
-    grpo[-vanilla]/         grpo.py from the SFT checkpoint
-    demo/                   eval.py per row (<row>.jsonl), results.json, results.md
-
-Resumable: a stage whose output is complete and newer than its input is skipped; a training run
-cut short continues with --resume; an output older than its input is redone.
+Resumable: a stage whose output is complete and newer than its input is skipped, a training run
+cut short continues with --resume, an output older than its input is redone.
 """
 
 import argparse
@@ -43,25 +36,22 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
-from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FACTOR, FINAL_NOTE, IMAGE, MIN_PIXELS, PLAIN_SYSTEM,
-                  SYSTEM_PROMPT, TOOL_FORMAT, Budget, crop_size, format_question, images_header, map_bbox,
-                  observation_parts, prompt_parts, smart_resize, train_tokenizer)
+from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM, SYSTEM_PROMPT,
+                  TOOL_FORMAT, Budget, format_question, images_header, observation_parts, prompt_parts, train_tokenizer)
 from eval import final_answer, load_bench, read_results, results_files, score_answer
-from model import ViLaVT, atomic_write, tiny_config
+from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
+from model import ViLaVT, atomic_write, read_json, tiny_config
 from reward import format_ok
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 
 # -----------------------------------------------------------------------------
 # the tiny tokenizer and the tiny base models
 
 
 def tokenizer_corpus():
-    """The deterministic training text of build_tokenizer: every fixed prompt text, one
-    rendered prompt and observation, the zoom world's templates filled with each colour,
-    place and number, and the printable ASCII characters."""
+    """build_tokenizer's text: every fixed prompt, one rendered prompt and observation, the zoom
+    world's sentences with each colour, place and number, and the printable ASCII characters."""
     texts = [SYSTEM_PROMPT, SYSTEM, INSTRUCTIONS, PLAIN_SYSTEM, DIRECT_INSTRUCTIONS, TOOL_FORMAT, ANSWER_FORMAT,
              CONTINUE_NOTE, FINAL_NOTE]
     texts += [p for p in prompt_parts([(224, 224), (224, 224)], "How many dots are on the red card?")
@@ -80,10 +70,9 @@ def build_tokenizer(out_dir):
 
 
 def build_tiny_base(out_dir, seed=0, vanilla=False):
-    """A random tiny ViLaVT (model.tiny_config) saved as an HF folder with the tiny tokenizer as
-    both its LM and its inquiry tokenizer (query_tokenizer/): the scripts load it like any
-    checkpoint. vanilla: its stock Qwen2.5-VL counterpart (no inquiry path, no query_tokenizer/).
-    Built in a temp dir, then renamed into place."""
+    """A random tiny ViLaVT (model.tiny_config) saved as an HF folder, the tiny tokenizer as its LM
+    and inquiry (query_tokenizer/) tokenizers, built in a temp dir renamed into place; the scripts
+    load it like any checkpoint. vanilla: its stock Qwen2.5-VL twin (no inquiry path)."""
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     build_tokenizer(tmp)
@@ -108,13 +97,11 @@ def build_tiny_base(out_dir, seed=0, vanilla=False):
 # it, the last step answers.
 #
 # Why the mark needs a zoom (the physics). Originals are displayed at exactly 1/r of their
-# size (default 336x336 -> 168x168, r = 2, 36 visual tokens). A mark is a region of
-# checkerboard texture (cells of r/2 original px, levels ink_levels) on a label of flat grey
-# equal to the texture's mean, so mark and bare label differ only in a pattern whose period
-# is one display pixel. The resize to the display (BICUBIC, antialiased) weighs each display
-# pixel's neighbourhood symmetrically about the centre of its r x r block, about which the
-# checkerboard is antisymmetric: it cancels, and the label shows as flat grey whatever the
-# mark, up to a few grey levels at mark corners (tests/test_data.py measures <= 4 of 255).
+# size (default 336x336 -> 168x168, r = 2, 36 visual tokens). A mark is a checkerboard texture
+# (cells of r/2 original px, levels ink_levels) on a label of flat grey equal to its mean, so
+# mark and bare label differ only in a pattern whose period is one display pixel, which the
+# antialiased resize to the display cancels: the label shows as flat grey whatever the mark,
+# up to a few grey levels at mark corners (tests/test_zoom_world.py measures <= 4 of 255).
 # A zoom is cut at 2x the displayed scale (crop rule), so the texture's period becomes 2 crop
 # px, the finest a pixel grid holds: the marks (8 px dots, a 12x20 px digit at r = 2) show
 # at full contrast in the crop, and at 4 px per period in a crop of a crop.
@@ -163,18 +150,14 @@ class ZoomWorldConfig:
     share_direct: float = 0.1  # of the train split: "mode": "direct" records (no tools; a guess where the mark is
     #   needed), so the SFT model also knows the no-tool prompt of eval.py --mode direct: the demo's baseline
     max_tool_calls: int = 5  # the records' max_tool_calls
-    seed: int = 0  # default seed of make_zoom_world
+    seed: int = 0  # default seed of make_world
 
 
-# The zoom world's prompts (in every chat record: `system` and `prompt`, so SFT, GRPO and eval all
-# use them). A deliberate difference from Figures 15/16, for the CPU budget: those are ~500
-# tokens of the same text around every question. With them, the tiny model never learned to
-# copy the card's colour from the question (measured: teacher-forced, its think named the
-# right colour 7/33 and 3/33 times, chance is 1/7, after 384 steps of 8 and 600 steps of 2,
-# question before or after Figure 16's instructions): one colour token among ~400 context
-# tokens gives attention almost no gradient at first. So the zoom world asks in ~30 tokens,
-# the question last; the tool-call format is learned from the gold turns. The observations
-# after a tool call stay SPEC 4's.
+# The zoom world's prompts (every chat record's `system` and `prompt`, read alike by SFT, GRPO and
+# eval). A deliberate difference from Figures 15/16 (~500 tokens around every question): with
+# those, the tiny model never learned to copy the card's colour from the question (teacher-forced,
+# 7/33 and 3/33 right, chance 1/7, after 384 steps of 8 and 600 of 2). So it asks in ~30 tokens,
+# question last; the tool-call format is learned from the gold turns; observations stay SPEC 4's.
 SYSTEM = "You are a helpful assistant. You can zoom in on image regions with the tool."
 INSTRUCTIONS = "Think first, then zoom in with <tool> or answer with <answer>."
 
@@ -629,7 +612,7 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 # paper's 7B setting. The model is model.tiny_config in both presets.
 
 PRESETS = {
-    "tiny": dict(  # the README's demo
+    "tiny": dict(  # the README's demo: `python zoom_world.py`
         world=dict(n_train=3072, n_eval=128, seed=0),
         # batch 2 on purpose: each sample is its own micro-batch anyway, so batch 2 costs what
         # batch 8 does per sample but gives 4x the optimizer steps, and the tiny model's copying
@@ -644,7 +627,7 @@ PRESETS = {
         # and greedy makes the table reproducible to the digit
         eval="--greedy --batch-size 16 --max-turn-tokens 256 --max-new-tokens 768 --max-context 4096",
     ),
-    "smoke": dict(  # the same sequence in miniature, for CI: every stage runs and hands on its checkpoint
+    "smoke": dict(  # `--smoke`: the same sequence in miniature (CI): every stage runs and hands on its checkpoint
         world=dict(n_train=16, n_eval=8, seed=0),
         sft="--lr 1e-3 --global-batch 2 --epochs 1 --no-activation-checkpointing",
         grpo="--steps 2 --prompts-per-step 2 --group-size 2 --max-turn-tokens 32 --max-new-tokens 64 "
@@ -673,10 +656,6 @@ def latest(run_dir):
     return os.path.realpath(p) if os.path.isdir(p) else None
 
 
-def mtime(path):
-    return os.path.getmtime(path)
-
-
 def run(script, *flags):
     """Run `python script flags...` in this folder, printed first as a user would type it."""
     script = os.path.join(HERE, script)
@@ -687,17 +666,12 @@ def run(script, *flags):
 
 def make_data(zoom, world):
     """The task's data, unless zoom/ already holds it for these sizes and this config."""
-    meta = os.path.join(zoom, "meta.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            m = json.load(f)
-        if [m["n_train"], m["n_eval"], m["seed"], m["config"]] == [world["n_train"], world["n_eval"], world["seed"],
-                                                                   json.loads(json.dumps(asdict(ZoomWorldConfig())))]:
-            print(f"{zoom}: up to date, skipped")
-            return
+    meta, want = os.path.join(zoom, "meta.json"), dict(world, config=json.loads(json.dumps(asdict(ZoomWorldConfig()))))
+    if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
+        return print(f"{zoom}: up to date, skipped")
     print(f"writing the zoom world to {zoom} ({world['n_train']} train, {world['n_eval']} eval)", flush=True)
     shutil.rmtree(zoom + ".tmp", ignore_errors=True)
-    make_world(zoom + ".tmp", world["n_train"], world["n_eval"], seed=world["seed"])
+    make_world(zoom + ".tmp", **world)
     shutil.rmtree(zoom, ignore_errors=True)
     os.replace(zoom + ".tmp", zoom)
 
@@ -705,79 +679,61 @@ def make_data(zoom, world):
 def train(script, model, data, out_dir, flags):
     """One training stage: skipped when out_dir's checkpoint is final and newer than the model and
     the data it started from; continued with --resume when cut short; redone when stale."""
-    ckpt = latest(out_dir)
-    inputs = max(mtime(os.path.join(model, "config.json")), mtime(data))
-    if ckpt is not None and mtime(os.path.join(ckpt, "meta.json")) < inputs:
+    ckpt, t = latest(out_dir), os.path.getmtime
+    if ckpt is not None and t(os.path.join(ckpt, "meta.json")) < max(t(os.path.join(model, "config.json")), t(data)):
         print(f"{out_dir}: older than its input, redone")
         shutil.rmtree(out_dir)
         ckpt = None
-    if ckpt is not None:
-        with open(os.path.join(ckpt, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["step"] >= meta["num_steps"]:
-            print(f"{out_dir}: done (step {meta['step']}), skipped")
-            return
+    meta = read_json(os.path.join(ckpt, "meta.json")) if ckpt is not None else None
+    if meta is not None and meta["step"] >= meta["num_steps"]:
+        return print(f"{out_dir}: done (step {meta['step']}), skipped")
     run(script, "--model", model, "--data", data, "--image-root", os.path.dirname(data), "--out-dir", out_dir,
         *flags.split(), *(["--resume"] if ckpt is not None else []))
 
 
-def evaluate(name, ckpt, bench, out, flags):
-    """One row: eval.py on the held-out split, unless out/ holds every answer, newer than ckpt."""
-    if os.path.exists(out) and mtime(out) < mtime(os.path.join(ckpt, "meta.json")):
+def evaluate(ckpt, bench, out, flags, n):
+    """One row: eval.py on the held-out split, unless out holds all n answers, newer than ckpt."""
+    if os.path.exists(out) and os.path.getmtime(out) < os.path.getmtime(os.path.join(ckpt, "meta.json")):
         os.remove(out)  # a re-trained stage: its old answers are stale
-    if os.path.exists(out):
-        lines, _ = read_results(results_files(out))
-        with open(bench) as f:
-            n = sum(1 for ln in f if ln.strip())
-        if sum(ln.get("error") is None for ln in lines.values()) == n:
-            print(f"{out}: done, skipped")
-            return
+    if os.path.exists(out) and sum(ln.get("error") is None for ln in read_results(results_files(out))[0].values()) == n:
+        return print(f"{out}: done, skipped")
     run("eval.py", "--model", ckpt, "--bench", bench, "--image-root", os.path.dirname(bench), "--out", out,
         *flags.split())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="The zoom-world demo: data, tiny models, SFT, GRPO, eval (README)")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the sizes of every stage (default: tiny)")
-    ap.add_argument("--smoke", action="store_true", help="= --preset smoke, under out/smoke/ (CI)")
+    ap.add_argument("--smoke", action="store_true", help="the smoke preset, under out/smoke/ (CI)")
     ap.add_argument("--out", help="the demo's folder (default: out, or out/smoke with --smoke)")
     args = ap.parse_args(argv)
-    name = "smoke" if args.smoke else args.preset
-    preset, root = PRESETS[name], args.out or os.path.join("out", "smoke" if args.smoke else "")
-    root = root.rstrip("/") or "."
+    preset = PRESETS["smoke" if args.smoke else "tiny"]
+    root = (args.out or os.path.join("out", "smoke" if args.smoke else "")).rstrip("/") or "."
     t0, times = time.time(), {}
     zoom = os.path.join(root, "zoom")
     make_data(zoom, preset["world"])
     for v in ("", "-vanilla"):
-        base = os.path.join(root, "tiny-base" + v)
-        if not os.path.exists(os.path.join(base, "config.json")):
-            print(f"building the random tiny base model {base}", flush=True)
-            build_tiny_base(base, vanilla=v != "")
+        if not os.path.exists(os.path.join(root, "tiny-base" + v, "config.json")):
+            print(f"building the random tiny base model {root}/tiny-base{v}", flush=True)
+            build_tiny_base(os.path.join(root, "tiny-base" + v), vanilla=v != "")
     times["data and bases"] = time.time() - t0
-    train_data = os.path.join(zoom, "train.jsonl")
     for v in ("", "-vanilla"):
-        for stage, start in (("sft", "tiny-base"), ("grpo", "sft")):
+        for stage, model in (("sft", f"tiny-base{v}"), ("grpo", f"sft{v}/latest")):
             t = time.time()
-            model = os.path.join(root, start + v)
-            model = os.path.join(model, "latest") if stage == "grpo" else model
-            train(stage + ".py", model, train_data, os.path.join(root, stage + v), preset[stage])
+            train(stage + ".py", os.path.join(root, model), os.path.join(zoom, "train.jsonl"),
+                  os.path.join(root, stage + v), preset[stage])
             times[stage + v] = time.time() - t
     t = time.time()
     bench, demo = os.path.join(zoom, "eval.jsonl"), os.path.join(root, "demo")
-    questions = load_bench(bench)
-    rows = []
+    questions, rows = load_bench(bench), []
     for row, stage, flags in ROWS:
-        ckpt = latest(os.path.join(root, stage))
-        out = os.path.join(demo, row + ".jsonl")
-        evaluate(row, ckpt, bench, out, flags + " " + preset["eval"])
-        lines, _ = read_results(results_files(out))
-        rows.append(dict(name=row, **demo_metrics(questions, lines), checkpoint=ckpt, mode=flags.split()[1],
-                         inquiry="--no-inquiry" not in flags, decoding="greedy"))
+        ckpt, out = latest(os.path.join(root, stage)), os.path.join(demo, row + ".jsonl")
+        evaluate(ckpt, bench, out, flags + " " + preset["eval"], len(questions))
+        rows.append(dict(name=row, **demo_metrics(questions, read_results(results_files(out))[0]), checkpoint=ckpt,
+                         mode=flags.split()[1], inquiry="--no-inquiry" not in flags, decoding="greedy"))
     times["eval"] = time.time() - t
     atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
-    md = demo_table(rows)
-    atomic_write(os.path.join(demo, "results.md"), md)
-    print("\n" + md + f"\nwrote {os.path.join(demo, 'results.json')}")
+    atomic_write(os.path.join(demo, "results.md"), demo_table(rows))
+    print("\n" + demo_table(rows) + f"\nwrote {os.path.join(demo, 'results.json')}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; in all {(time.time() - t0) / 60:.1f} min ({torch.get_num_threads()} threads per process)")
     return rows
@@ -795,12 +751,11 @@ def covers(region, box, eps=1e-6):
 
 def demo_metrics(questions, lines):
     """The table's columns of one run, from its results lines and the zoom world's records
-    (q["meta"]: category, target_boxes). In percent: accuracy (MC questions), mra (numerical
-    questions, the benchmark MRA), score (all questions), format_rate (R_format, SPEC 5),
-    box_hit_rate (boxes of valid tool calls whose crop holds its image's target card; boxes on
-    images without a target are not counted) and accuracy_multi_image (multi-image questions
-    answered exactly right, MC or numerical). tool_calls: tool calls per question, valid or not.
-    A failed question scores 0, has no valid format and no tool calls."""
+    (q["meta"]: category, target_boxes). In percent: accuracy (MC questions), mra (numerical,
+    the benchmark MRA), score (all), format_rate (R_format, SPEC 5), box_hit_rate (boxes of valid
+    calls whose crop holds its image's target card; images without a target do not count),
+    accuracy_multi_image (multi-image questions exactly right); tool_calls per question, valid
+    or not. A failed question scores 0, has no valid format and no tool calls."""
     mc, num, fmt, calls, multi, boxes = [], [], [], [], [], []
     for q in questions:
         line = lines[str(q["qid"])]

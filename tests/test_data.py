@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import pixels
 from data import Budget, ChatTokenizer, Context, RecordError, TrajectoryDataset, render_sample
 
 PAD = "<|image_pad|>"
@@ -227,11 +228,11 @@ def test_crop_of_crop_maps_to_the_original_region():
     c2, = ctx.zoom({"region": [{"index": 1, "bbox_2d": [112, 0, 224, 84]}], "query": "q2"})
     assert c2.region == pytest.approx((0.5, 0.25, 0.75, 0.5)) and c2.display == (224, 168)
     assert (c2.source, c2.parent, c2.group) == (0, 1, 2)
-    crop, region = data.crop_image(orig, c1.region, c1.display, [112, 0, 224, 84])
+    crop, region = pixels.crop_image(orig, c1.region, c1.display, [112, 0, 224, 84])
     inner = np.asarray(crop)[8:-8, 8:-8].reshape(-1, 3)
     assert (inner == colors[1, 2]).all()  # cut from the original, at that cell
     # and the pixel values the encoder gets are that crop's
-    want, _ = data.preprocess_image(crop, data.MIN_PIXELS, data.budget_per_crop())
+    want, _ = pixels.preprocess_image(crop, pixels.MIN_PIXELS, pixels.budget_per_crop())
     assert torch.equal(c2.pixel_values, want)
 
 
@@ -333,7 +334,7 @@ def test_import_release_record(tmp_path, ct, tokenizer):
                          "<think> It reads 7. </think>\n<answer> 7 </answer><|im_end|>")
     assert s["input_ids"].tolist() == tokenizer.encode(s["text"])
     crop_view = s["context"].views[1]  # the pre-made file is what gets encoded (140x84: 10x6 patches)
-    want, grid = data.preprocess_image(crop_file, data.MIN_PIXELS, data.budget_per_crop())
+    want, grid = pixels.preprocess_image(crop_file, pixels.MIN_PIXELS, pixels.budget_per_crop())
     assert torch.equal(crop_view.pixel_values, want) and crop_view.grid_thw.tolist() == [1, 6, 10]
     assert crop_view.region == pytest.approx((0, 0, 0.5, 0.5))
     q = tokenizer.encode("read the number on the sign") + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import pixels
 import eval as E
 import rollout
 import zoom_world
@@ -422,7 +423,7 @@ def test_explicit_attention_matches_the_encoder(tokenizer):
     m.init_weights()
     m.eval()
     ct = ChatTokenizer(tokenizer)
-    pv, grid = data.preprocess_image(noise(200, 150, 3), max_pixels=200 * 150)
+    pv, grid = pixels.preprocess_image(noise(200, 150, 3), max_pixels=200 * 150)
     qids, qmask = ct.queries(["the digit in the corner"])
     attn, got = m.visual.blocks[-1].attn, {}
     assert attn.query_aware

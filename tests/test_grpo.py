@@ -11,6 +11,8 @@ import torch
 
 from grpo import group_advantages, policy_loss
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_advantages_hand_computed():
     # group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735
@@ -199,6 +201,11 @@ def test_resume_continues_the_same_curve(tmp_path, tokenizer):
         torch.set_num_threads(threads)
     full, cut = grpo_log(tmp_path / "full"), grpo_log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4] and cut == full
+    # a resume past the end (the run is at step 4, --stop-at-step 2) stops at once (it once looped forever)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), *common, "--out-dir", str(tmp_path / "cut"),
+                        "--resume", "--stop-at-step", "2"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and grpo_log(tmp_path / "cut") == full, p.stderr[-2000:]
     a = load_file(str(tmp_path / "full" / "latest" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latest" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

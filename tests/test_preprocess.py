@@ -1,5 +1,5 @@
 """
-Image preprocessing and the crop rule (data.py, SPEC section 3). CPU only, a few seconds.
+Image preprocessing and the crop rule (pixels.py, SPEC section 3). CPU only, a few seconds.
 
 transformers is used only here, as the oracle: our resize/patchify must equal its slow
 `Qwen2VLImageProcessor` (SPEC 3: "Must match ... exactly").
@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import (
+import pixels
+from conftest import SHARED
+from pixels import (
     FACTOR,
     MAX_PIXELS,
     MIN_PIXELS,
@@ -29,7 +30,7 @@ from data import (
     smart_resize,
 )
 
-FIXTURES = "/work/shared/fixtures/images"
+FIXTURES = os.path.join(SHARED, "fixtures", "images")
 FIXTURE_FILES = ["10095.png", "10149.png", "COCO_train2014_000000580957.jpg"]
 SETTINGS = [
     (MIN_PIXELS, 200704),  # the release's SFT setting: <= 256 tokens per image
@@ -158,7 +159,7 @@ def test_patch_order():
     pv, thw = preprocess_image(img)
     assert thw.tolist() == [1, 4, 4] and pv.shape == (16, 1176)
     x = np.asarray(img).astype(np.float64) / 255
-    x = (x - np.array(data.OPENAI_CLIP_MEAN)) / np.array(data.OPENAI_CLIP_STD)  # (56, 56, 3)
+    x = (x - np.array(pixels.OPENAI_CLIP_MEAN)) / np.array(pixels.OPENAI_CLIP_STD)  # (56, 56, 3)
     rows = pv.reshape(16, 3, 2, 14, 14).double()
     assert torch.equal(rows[:, :, 0], rows[:, :, 1])
     # (row index, top-left pixel of its patch): merge unit (0,0) then unit (0,1) then unit (1,0)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import pixels
 import rollout
 from data import Budget, ChatTokenizer
 from model import ViLaVT, tiny_config
@@ -69,7 +70,7 @@ def test_scripted_trajectory_equals_rendering(tmp_path, model, ct):
     for name, im in zip(TWO_CALLS["images"], imgs):
         im.save(tmp_path / name)
     gold = data.render_sample(TWO_CALLS, "gold", str(tmp_path), ct, BUDGET)
-    prompt = rollout.Prompt([data.load_image(str(tmp_path / n)) for n in TWO_CALLS["images"]], TWO_CALLS["question"])
+    prompt = rollout.Prompt([pixels.load_image(str(tmp_path / n)) for n in TWO_CALLS["images"]], TWO_CALLS["question"])
     traj = rollout.rollout(Scripted(model, [policy_tokens(ct, TWO_CALLS["steps"])]), ct, [prompt], budget=BUDGET)[0]
     assert traj.finish == "answer" and traj.answer == "3" and traj.n_tool_calls == 2 and traj.n_invalid == 0
     assert traj.ids == gold["input_ids"].tolist()

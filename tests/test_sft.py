@@ -136,6 +136,9 @@ def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
     wa, wb = final_weights(out), final_weights(baseline)
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
     assert not os.path.exists(os.path.join(out, ".tmp-step_000004"))
+    # a resume past the end (the run is at step 5, --stop-at-step 3) stops at once, changing nothing
+    run(args + ["--resume", "--stop-at-step", "3"], cwd=world["root"])
+    assert losses(out) == losses(baseline) and os.readlink(os.path.join(out, "latest")) == "step_000005"
 
 
 def test_import_release_trains(world, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import pixels
 import eval as E
 import grpo
 import rollout
@@ -312,8 +313,8 @@ def test_zoom_world_marks_need_the_zoom():
     def shown(img, bbox=None):  # what the model sees: the display, or a crop at its display size
         if bbox is None:
             return np.asarray(img.resize((Wd, Hd), Image.Resampling.BICUBIC)), (0, 0, 1, 1), (Wd, Hd)
-        crop, region = data.crop_image(img, (0, 0, 1, 1), (Wd, Hd), bbox)
-        h, w = data.smart_resize(crop.height, crop.width, data.FACTOR, data.MIN_PIXELS, budget.for_crops())
+        crop, region = pixels.crop_image(img, (0, 0, 1, 1), (Wd, Hd), bbox)
+        h, w = pixels.smart_resize(crop.height, crop.width, pixels.FACTOR, pixels.MIN_PIXELS, budget.for_crops())
         return np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC)), region, (w, h)
 
     card = (120 / 336, 128 / 336, 184 / 336, 168 / 336)
@@ -354,3 +355,21 @@ def test_default_zoom_world_boxes_are_the_named_cells(tmp_path):
             n += 1
         assert rec["prompt"].endswith("Question: " + data.format_question(rec["question"], rec["options"]))
     assert n >= 15
+
+
+# -----------------------------------------------------------------------------
+# the scripts know nothing of the demo
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo", "eval"])
+def test_scripts_know_nothing_of_the_demo(script, capsys):
+    """Their --help shows the paper's setting and no demo flag; no script imports another script
+    or the demo (scripts import the library; zoom_world.py runs them as a user does)."""
+    mod = __import__(script)
+    with pytest.raises(SystemExit):
+        (mod.build_parser().parse_args if script == "eval" else mod.parse_args)(["--help"])
+    text = capsys.readouterr().out
+    assert "--model" in text and not any(w in text for w in ("--smoke", "--vanilla", "demo", "tiny", "zoom"))
+    with open(os.path.join(ROOT, script + ".py")) as f:
+        imports = [ln.split()[1] for ln in f if ln.startswith(("import ", "from "))]
+    assert not {"sft", "grpo", "eval", "bench", "zoom_world"} & set(imports), imports
