@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -33,6 +34,7 @@ import data
 import plots
 import reward
 import rollout
+from data import Context
 from model import config_to_hf
 from training import (build_model, dist_setup, dist_teardown, make_optimizer, open_log, print0, resolve_checkpoint,
                       restore, save, start_point, warn)
@@ -120,12 +122,59 @@ def to_device(enc, device):
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def sequence_logprobs(model, ids, enc, device, entropy=False):
-    """log pi(token_t | <t) at every position t >= 1 of one trajectory (1, T-1): the same ids the
-    sampler produced, every image re-encoded in its own group with its own inquiry."""
-    ids = torch.tensor([ids], device=device)
-    h = model.hidden_states(ids, **to_device(enc, device))
-    return model.token_logprobs(h[:, :-1], ids[:, 1:], entropy=entropy)
+PAD = 0  # any text token: right padding is inert under causal attention, and its targets are -100
+
+
+def micro_batches(lengths, budget, n_groups=None):
+    """Trajectories grouped for one forward each, shortest first so that little is padded: a
+    group's padded size (rows x its longest row) stays within `budget` tokens, a longer
+    trajectory alone; budget 0: one trajectory per group. n_groups: the largest groups are
+    halved until there are that many (every rank must run the same number of forwards, for
+    FSDP's collectives). Returns lists of indices into lengths."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        g = groups[-1] if groups else []
+        if g and budget > 0 and (len(g) + 1) * max([n] + [lengths[j] for j in g]) <= budget:
+            g.append(i)
+        else:
+            groups.append([i])
+    while n_groups is not None and len(groups) < n_groups:
+        k = max(range(len(groups)), key=lambda k: len(groups[k]))
+        assert len(groups[k]) > 1, f"{len(lengths)} trajectories do not make {n_groups} micro-batches"
+        groups[k:k + 1] = [groups[k][:len(groups[k]) // 2], groups[k][len(groups[k]) // 2:]]
+    return groups
+
+
+def rank_micro_batches(batch, budget, device):
+    """This rank's micro-batches (lists of items of `batch`), as many on every rank."""
+    lengths = [len(t["ids"]) for t in batch]
+    n = torch.tensor([len(micro_batches(lengths, budget))], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return [[batch[i] for i in g] for g in micro_batches(lengths, budget, int(n))]
+
+
+def batch_logprobs(model, items, device, entropy=False):
+    """log pi(token_t | <t) at the policy tokens of a micro-batch of trajectories, as (rows, T-1)
+    right padded, 0 wherever the policy mask is 0: the same ids the sampler produced, every image
+    re-encoded in its own group with its own inquiry, in one vision-encoder call and one LM
+    forward. The lm_head and its log-softmax run at the policy tokens only (the prompt, images
+    and observations need no log-probs). entropy=True: also the entropy there, (rows, T-1)."""
+    assert model.cfg.lm.image_token_id != PAD, "the padding token must be a text token"
+    ids = torch.full((len(items), max(len(t["ids"]) for t in items)), PAD, dtype=torch.long)
+    for i, t in enumerate(items):
+        ids[i, :len(t["ids"])] = torch.tensor(t["ids"])
+    enc = Context.merge_encoder_inputs([t["enc"] for t in items])
+    h = model.hidden_states(ids.to(device), **to_device(enc, device))
+    pick = padded(items, "mask", ids.shape[1] - 1, device).bool()  # predicts the policy token at t+1
+    out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:].to(device)[pick][None], entropy=entropy)
+    scatter = lambda v: torch.zeros(pick.shape, dtype=v.dtype, device=device).masked_scatter(pick, v[0])  # noqa: E731
+    return tuple(map(scatter, out)) if entropy else scatter(out)
+
+
+def padded(items, key, width, device):
+    """(rows, width) from each item's 1-D tensor `key`, zero padded on the right."""
+    return torch.stack([F.pad(t[key], (0, width - t[key].shape[0])) for t in items]).to(device)
 
 
 def gathered_advantages(rewards, mine, P, G, device):
@@ -140,17 +189,19 @@ def gathered_advantages(rewards, mine, P, G, device):
     return [adv[r].float().cpu() for r in rows]
 
 
-def old_logprobs(model, ct, trajs, adv, device):
-    """The update batch: every trajectory's tokens, encoder inputs, policy mask and log-probs
-    under the current (= old) policy; plus the summed entropy at policy tokens."""
-    batch, ent = [], 0.0
+def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0):
+    """The update batch: every trajectory's tokens, encoder inputs, policy mask (T-1,) and
+    log-probs (T-1,) under the current (= old) policy; plus the summed entropy at policy tokens."""
+    batch = [dict(ids=t.ids, enc=t.encoder_inputs(ct), mask=torch.tensor(t.policy_mask[1:], dtype=torch.float32),
+                  adv=a) for t, a in zip(trajs, adv)]
+    ent = 0.0
     with torch.no_grad():
-        for t, a in zip(trajs, adv):
-            enc = t.encoder_inputs(ct)
-            old, e = sequence_logprobs(model, t.ids, enc, device, entropy=True)
-            mask = torch.tensor([t.policy_mask[1:]], dtype=torch.float32)
-            ent += float((e.cpu() * mask).sum())
-            batch.append(dict(ids=t.ids, enc=enc, mask=mask, old=old.cpu(), adv=a))
+        for items in rank_micro_batches(batch, micro_batch_tokens, device):
+            old, e = batch_logprobs(model, items, device, entropy=True)
+            for k, t in enumerate(items):
+                n = len(t["ids"]) - 1
+                t["old"] = old[k, :n].cpu()
+                ent += float((e[k, :n].cpu() * t["mask"]).sum())
     return batch, ent
 
 
@@ -159,10 +210,11 @@ def old_logprobs(model, ct, trajs, adv, device):
 
 
 def update(model, opt, params, batch, args, device):
-    """Eq. 6 over `batch` (this rank's trajectories: dicts with ids, enc, mask (1, T-1), old (1, T-1),
-    adv ()), in args.mini_batches optimizer steps per epoch, args.update_epochs epochs. Every rank
-    holds the same number of trajectories (FSDP collectives); the token-mean is over the mini-batch's
-    masked tokens on ALL ranks (all-reduced), gradients summed over ranks, so any world size gives
+    """Eq. 6 over `batch` (this rank's trajectories: dicts with ids, enc, mask (T-1,), old (T-1,),
+    adv ()), in args.mini_batches optimizer steps per epoch, args.update_epochs epochs, one forward
+    per micro-batch of args.micro_batch_tokens padded tokens. Every rank runs as many forwards
+    (FSDP collectives); the token-mean is over the mini-batch's masked tokens on ALL ranks
+    (all-reduced), gradients summed over ranks, so any world size and any micro-batch size give
     the same update. Returns summed statistics."""
     n = len(batch)
     assert n % args.mini_batches == 0, f"{n} trajectories per rank do not split into {args.mini_batches} mini-batches"
@@ -176,17 +228,16 @@ def update(model, opt, params, batch, args, device):
             norm = torch.tensor([local], dtype=torch.float64, device=device)
             dist.all_reduce(norm)
             norm = max(1.0, norm.item())
-            for t in part:
-                logp = sequence_logprobs(model, t["ids"], t["enc"], device)
-                mask, old = t["mask"].to(device), t["old"].to(device)
-                loss = policy_loss(logp, old, t["adv"].view(1).to(device), mask, args.clip_low, args.clip_high,
-                                   args.dual_clip, args.aggregation, normalizer=norm)
+            for items in rank_micro_batches(part, args.micro_batch_tokens, device):
+                logp = batch_logprobs(model, items, device)
+                mask, old = padded(items, "mask", logp.shape[1], device), padded(items, "old", logp.shape[1], device)
+                adv = torch.stack([t["adv"] for t in items]).to(device)
+                loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip,
+                                   args.aggregation, normalizer=norm)
                 loss.backward()
                 with torch.no_grad():
-                    r = torch.exp(logp - old)
-                    m = mask.bool()
-                    a = float(t["adv"])
-                    clipped = (r > 1 + args.clip_high) if a > 0 else (r < 1 - args.clip_low) if a < 0 else torch.zeros_like(m)
+                    r, m, a = torch.exp(logp - old), mask.bool(), adv[:, None]
+                    clipped = ((a > 0) & (r > 1 + args.clip_high)) | ((a < 0) & (r < 1 - args.clip_low))
                     stats["loss"] += loss.item()
                     stats["clip"] += float((clipped & m).sum())
                     stats["kl"] += float(((r - 1) - (logp - old))[m].sum())  # k3 estimate of KL(old || new)
@@ -234,6 +285,8 @@ def parse_args(argv=None):
     a("--aggregation", choices=("token-mean", "seq-mean"), default="token-mean",
       help="token-mean over all masked tokens, or mean over trajectories of their token means (release option)")
     a("--mini-batches", type=int, default=1, help="optimizer steps per epoch over one rollout batch")
+    a("--micro-batch-tokens", type=int, default=16384,
+      help="trajectories per forward of the learner, by padded tokens (rows x longest); 0: one per forward")
     a("--update-epochs", type=int, default=1, help="passes over one rollout batch")
     a("--lr", type=float, default=1e-6, help="constant AdamW lr (release)")
     a("--weight-decay", type=float, default=1e-2)
@@ -244,7 +297,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="prompt order and sampling")
     a("--save-every", type=int, default=50)
     a("--dump-every", type=int, default=10, help="write decoded trajectories every N steps (0: never)")
-    a("--bench", action="store_true", help="time a few steps (rollout / old-logp / update split), write nothing")
+    a("--bench", action="store_true", help="time a few steps (rollout / old log-probs / update), and the learner "
+                                           "against --micro-batch-tokens 0 on the same rollouts; write nothing")
     args = ap.parse_args(argv)
     if args.plot is None and (args.model is None or args.data is None):
         ap.error("--model and --data are required (except with --plot)")
@@ -298,11 +352,12 @@ def train(args, rank, world, device):
         restore(model, opt, ckpt, meta, rank)
     end = min(args.steps, args.stop_at_step) if args.stop_at_step > 0 else args.steps
     if args.bench:
-        end = min(end, start + 3)
+        end = min(end, start + 4)  # 1 warm-up step + 3 timed
     print0(f"{len(records)} prompts ({n_bad} bad) | {P} prompts x G={G} per step over {world} rank(s) | "
            f"{args.steps} steps | lr {args.lr} | {sum(p.numel() for p in params) / 1e6:.2f}M trainable params")
     log = open_log(args.out_dir, start, meta is not None) if rank == 0 and not args.bench else None
     bar = tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True)
+    bench = []  # --bench: seconds per step (rollout, old log-probs, update, and both one trajectory per forward)
 
     step = start
     while True:
@@ -334,8 +389,17 @@ def train(args, rank, world, device):
         scores = [score(t, records[idx[mine[i // G]]][1]) for i, t in enumerate(trajs)]
         adv = gathered_advantages([s["reward"] for s in scores], mine, P, G, device)
 
+        # (--bench: first the same learner one trajectory per forward, timed for the comparison)
+        per_traj = (0.0, 0.0)
+        if args.bench:
+            ta = time.perf_counter()
+            b0 = old_logprobs(model, ct, trajs, adv, device)[0]
+            tb = time.perf_counter()
+            update(model, opt, params, b0, argparse.Namespace(**dict(vars(args), micro_batch_tokens=0)), device)
+            per_traj = (tb - ta, time.perf_counter() - tb)
+
         # ---- 5. old log-probs on exactly the rollout tokens (and the policy's entropy)
-        batch, ent = old_logprobs(model, ct, trajs, adv, device)
+        batch, ent = old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens)
         t2 = time.perf_counter()
 
         # ---- 6. the Eq. 6 updates
@@ -359,7 +423,7 @@ def train(args, rank, world, device):
                    loss=loss / max(1, st["steps"]), clip_frac=clip / max(1, toks), approx_kl=kl / max(1, toks),
                    entropy=ent / max(1, gen), grad_norm=st["grad_norm"] / max(1, st["steps"]),
                    rollout_tok_s=gen / (t1 - t0), update_tok_s=seen / (t3 - t2),
-                   rollout_s=t1 - t0, old_logp_s=t2 - t1, update_s=t3 - t2)
+                   rollout_s=t1 - t0, old_logp_s=t2 - t1 - sum(per_traj), update_s=t3 - t2)
         if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -367,6 +431,8 @@ def train(args, rank, world, device):
             dump(os.path.join(args.out_dir, "trajectories.jsonl"), step, trajs, scores, adv)
         bar.update(1)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}", tools=f"{rec['tool_calls']:.2f}")
+        if args.bench and step > start + 1:  # the first step warms up
+            bench.append((rec["rollout_s"], rec["old_logp_s"], rec["update_s"], *per_traj))
         if rank == 0 and (step % 5 == 0 or step == start + 1 or args.bench):
             bar.write(f"step {step:4d} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | format "
                       f"{rec['format']:.2f} | tools {rec['tool_calls']:.2f} | len {rec['response_len']:.0f} | clip "
@@ -375,6 +441,11 @@ def train(args, rank, world, device):
     bar.close()
     if log is not None:
         log.close()
+    if bench:
+        roll, old, upd, old0, upd0 = (sum(x) / len(bench) for x in zip(*bench))
+        print0(f"bench: mean per step over {len(bench)} steps: rollout {roll:.2f} s | one trajectory per forward: "
+               f"old log-probs {old0:.2f} s, update {upd0:.2f} s | --micro-batch-tokens {args.micro_batch_tokens}: "
+               f"old log-probs {old:.2f} s, update {upd:.2f} s | learner {(old0 + upd0) / (old + upd):.2f}x faster")
 
 
 def dump(path, step, trajs, scores, adv):

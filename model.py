@@ -264,13 +264,22 @@ class KVCache:
     def select_rows(self, idx, n=None):
         """Keep only rows `idx` (in that order): finished rows stop costing compute.
         n: slots [0, n) hold data (default: all); the rest of the new rows is zero."""
+        self._reallocate(idx, self.max_len, n)
+
+    def grow(self, max_len, n=None):
+        """Room for max_len slots per row, the n written ones copied (default: all): the rollout
+        sizes its cache by use, not by its longest possible trajectory."""
+        self._reallocate(slice(None), max_len, n)
+
+    def _reallocate(self, rows, max_len, n):
         n = self.max_len if n is None else n
         for c in self.layers:
             for name in ("k", "v"):
-                old = getattr(c, name)
-                new = old.new_zeros((len(idx),) + old.shape[1:])
-                new[:, :, :n] = old[idx, :, :n]
+                written = getattr(c, name)[rows, :, :n]  # copies the written slots only
+                new = written.new_zeros(written.shape[:2] + (max_len,) + written.shape[3:])
+                new[:, :, :n] = written
                 setattr(c, name, new)
+        self.max_len = max_len
 
 
 # -----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Limits:
     max_images: int = 52  # visual inputs per trajectory, originals included
     max_turn_tokens: int = 1024  # policy tokens per assistant turn
     max_new_tokens: int = 4096  # policy tokens per trajectory
-    max_context: int = 16384  # KV-cache slots per row (prompt + turns + observations)
+    max_context: int = 16384  # most KV-cache slots per row (prompt + turns + observations); allocated as used
 
 
 @dataclass
@@ -193,6 +193,9 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry):
 # the batched loop
 
 
+CACHE_CHUNK = 256  # KV-cache slots added at a time, at least (or half the current size)
+
+
 @torch.no_grad()
 def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
@@ -203,7 +206,6 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     image_token = model.cfg.lm.image_token_id
     G, n = group_size, len(prompts) * group_size
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
-    cache = model.new_cache(n, limits.max_context)
     banned = torch.tensor([ct.image_pad, ct.vision_start, ct.vision_end], device=device)
     rows = []
     # ---- prefill all prompts in one right-padded batch (all but each one's last token) into
@@ -217,6 +219,8 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
         ctxs.append(ctx), prompt_ids.append(ids), encs.append(ctx.encoder_inputs(ctx.views, ct))
     L = max(len(ids) for ids in prompt_ids) - 1
+    # the cache grows with use (below): it starts at the prompts plus a chunk, not at max_context
+    cache = model.new_cache(n, min(limits.max_context, L + 1 + CACHE_CHUNK))
     batch_ids = torch.tensor([ids[:-1] + [ct.im_end] * (L + 1 - len(ids)) for ids in prompt_ids])
     # Eq. 1's f_0 = V(I, empty set): the originals, encoded once per prompt (not per sample),
     # each image its own group, no inquiry
@@ -236,6 +240,10 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
             rows.append(_Row(traj, t_max, feed=[ids[-1]], cache_len=len(ids) - 1, next_pos=next_pos))
     live = list(range(n))  # row i of the cache holds rows[live[i]]
     while live:
+        need = max(rows[r].cache_len + len(rows[r].feed) for r in live)  # <= max_context (_end_turn checks)
+        if need > cache.max_len:  # grow in chunks, copying only the written slots
+            cache.grow(min(limits.max_context, need + max(CACHE_CHUNK, cache.max_len // 2)),
+                       n=max(rows[r].cache_len for r in live))
         # ---- observations: prefill all but the last fed token, one row at a time
         for i, r in enumerate(live):
             row = rows[r]

@@ -1,5 +1,7 @@
 """torchrun worker for tests/test_grpo.py: one GRPO update (steps 2-6 of grpo.py) on scripted
-rollouts. Writes the global loss and the parameter delta, so 1 and 2 processes can be compared."""
+rollouts, the learner's micro-batches by argv[3] padded tokens (0: one trajectory per forward).
+Writes the global loss and the parameter delta, so 1 and 2 processes, and any micro-batch size,
+can be compared."""
 
 import argparse
 import json
@@ -32,11 +34,12 @@ def turns(ct, p, g):
 
 
 def main():
-    model_dir, out = sys.argv[1], sys.argv[2]
+    model_dir, out, micro_batch_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rank, world, device = dist_setup()
     args = argparse.Namespace(seed=0, train_text_proj=True, freeze_vision=False, activation_checkpointing=False,
                               lr=1e-3, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
-                              aggregation="token-mean", mini_batches=2, update_epochs=1)
+                              aggregation="token-mean", mini_batches=2, update_epochs=1,
+                              micro_batch_tokens=micro_batch_tokens)
     model, cfg = build_model(model_dir, None, args, device, rank)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     before = {k: v.clone() for k, v in get_model_state_dict(model, options=full).items()}
@@ -54,17 +57,31 @@ def main():
     model.train()
     rewards = [REWARDS[p * G + g] for p in mine for g in range(G)]
     adv = grpo.gathered_advantages(rewards, mine, P, G, device)
-    batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device)
+    batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens)
     opt = make_optimizer(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
+    forwards, real = [], grpo.batch_logprobs  # count the update's forwards (micro-batches)
+    grpo.batch_logprobs = lambda *a, **k: forwards.append(len(a[1])) or real(*a, **k)
+    grads, step = {}, opt.step  # each optimizer step's full gradients (AdamW's first step is about
+    # sign(g) * lr, so the weights alone would magnify float noise in near-zero gradients)
+
+    def capture(*a, **k):
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                grads[f"{len(grads) // len(params)}.{name}"] = getattr(p.grad, "full_tensor", lambda: p.grad)().clone()
+        return step(*a, **k)
+
+    opt.step = capture
     st = grpo.update(model, opt, params, batch, args, device)
     loss = torch.tensor([st["loss"]], dtype=torch.float64)
     torch.distributed.all_reduce(loss)
     after = get_model_state_dict(model, options=full)
     if rank == 0:
         save_file({k: (after[k] - before[k]).contiguous() for k in after}, out + ".safetensors")
+        save_file({k: v.contiguous() for k, v in grads.items()}, out + ".grads.safetensors")
         with open(out + ".json", "w") as f:
-            json.dump({"loss": loss.item(), "adv": [float(a) for a in adv], "n_tool_calls": [t.n_tool_calls for t in trajs]}, f)
+            json.dump({"loss": loss.item(), "adv": [float(a) for a in adv], "lengths": [len(t.ids) for t in trajs],
+                       "n_tool_calls": [t.n_tool_calls for t in trajs], "rows": forwards}, f)
     dist_teardown()
 
 

@@ -99,20 +99,48 @@ def torchrun(n, *argv):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def test_one_and_two_processes_give_the_same_update(tmp_path, tokenizer):
+def test_one_and_two_processes_and_any_micro_batch_give_the_same_update(tmp_path, tokenizer):
+    """One trajectory per forward on 1 process is the reference; 2 processes with 2-row
+    micro-batches (rows of 930 and 700 tokens: padded) and 1 process with each mini-batch's 4
+    trajectories in one forward give the same update."""
     from safetensors.torch import load_file
     model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
     worker = os.path.join(os.path.dirname(__file__), "grpo_worker.py")
-    torchrun(1, worker, model_dir, str(tmp_path / "one"))
-    torchrun(2, worker, model_dir, str(tmp_path / "two"))
-    one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
-    assert abs(one["loss"] - two["loss"]) <= 1e-5 * max(1.0, abs(one["loss"]))
-    d1, d2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    runs = {"one": (1, 0), "two": (2, 1860), "one_batched": (1, 100000)}
+    for name, (nproc, tokens) in runs.items():
+        torchrun(nproc, worker, model_dir, str(tmp_path / name), str(tokens))
+    res = {n: json.load(open(tmp_path / f"{n}.json")) for n in runs}
+    deltas = {n: load_file(str(tmp_path / f"{n}.safetensors")) for n in runs}
+    d1 = deltas["one"]
     moved = [k for k in d1 if d1[k].abs().max() > 0]
     assert any(k.startswith("model.layers") for k in moved) and any(".instruct_" in k for k in moved)
     assert not any(k.startswith("text_encoder.") for k in moved)  # always frozen
-    for k in d1:
-        assert (d1[k] - d2[k]).abs().max() <= 1e-5, k
+    assert res["one"]["lengths"] == [930, 700] * 4  # (row g = 0 makes a tool call)
+    # rows per forward on rank 0 (2 mini-batches): 1 each; 2 each (2 x 930 <= 1860); 4 each
+    assert res["one"]["rows"] == [1] * 8 and res["two"]["rows"] == [2, 2] and res["one_batched"]["rows"] == [4, 4]
+    grads = {n: load_file(str(tmp_path / f"{n}.grads.safetensors")) for n in runs}
+    assert {k.split(".")[0] for k in grads["one"]} == {"0", "1"}  # 2 optimizer steps (mini-batches)
+    scale = max(g.abs().max() for g in grads["one"].values())
+    for n in ("two", "one_batched"):
+        assert abs(res[n]["loss"] - res["one"]["loss"]) <= 1e-5 * max(1.0, abs(res["one"]["loss"])), n
+        assert grads[n].keys() == grads["one"].keys()
+        for k, g in grads["one"].items():  # the same gradients, up to float summation order
+            assert (grads[n][k] - g).abs().max() <= 1e-5 * scale, (n, k)
+        for k in d1:  # and so the same weights (AdamW's first step is about sign(g) * lr: looser)
+            assert (deltas[n][k] - d1[k]).abs().max() <= 1e-4, (n, k)
+
+
+def test_micro_batches_by_padded_tokens():
+    from grpo import micro_batches
+    lengths = [300, 500, 400, 1200, 100, 100, 100]
+    shortest_first = [4, 5, 6, 0, 2, 1, 3]  # so that little is padded
+    assert micro_batches(lengths, 0) == [[i] for i in shortest_first]
+    # padded size = rows x longest: 3 x 100, then 4 x 300 > 1000; 2 x 400 = 800, then 3 x 500 > 1000; 1200 alone
+    assert micro_batches(lengths, 1000) == [[4, 5, 6], [0, 2], [1], [3]]
+    assert micro_batches(lengths, 10**6) == [shortest_first]
+    assert micro_batches(lengths, 1000, n_groups=6) == [[4], [5], [6], [0, 2], [1], [3]]  # the largest halved
+    with pytest.raises(AssertionError, match="do not make 8 micro-batches"):
+        micro_batches(lengths, 0, n_groups=8)
 
 
 # -----------------------------------------------------------------------------
@@ -139,7 +167,8 @@ def test_mean_reward_rises_on_a_toy_reward(tmp_path, tokenizer):
     try:
         args = argparse.Namespace(seed=0, train_text_proj=False, freeze_vision=True, activation_checkpointing=False,
                                   lr=1e-2, weight_decay=0.0, grad_clip=1.0, clip_low=0.2, clip_high=0.3,
-                                  dual_clip=None, aggregation="token-mean", mini_batches=2, update_epochs=1)
+                                  dual_clip=None, aggregation="token-mean", mini_batches=2, update_epochs=1,
+                                  micro_batch_tokens=4096)
         model, _ = build_model(model_dir, None, args, device, rank)
         ct = ChatTokenizer(*load_tokenizers(model_dir))
         opt = make_optimizer(model, args)
@@ -159,7 +188,7 @@ def test_mean_reward_rises_on_a_toy_reward(tmp_path, tokenizer):
             model.train()
             rewards = [float(t.ids[-1] % 2 == 0) for t in trajs]
             adv = grpo.gathered_advantages(rewards, list(range(P)), P, G, device)
-            batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device)
+            batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens)
             grpo.update(model, opt, params, batch, args, device)
             curve.append(sum(rewards) / len(rewards))
     finally:
@@ -181,7 +210,7 @@ def grpo_log(out):
         return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in f if ln.strip()]
 
 
-def test_resume_continues_the_same_curve(tmp_path, tokenizer):
+def test_resume_continues_the_same_curve(tmp_path, tokenizer, capsys):
     from safetensors.torch import load_file
 
     import grpo
@@ -197,6 +226,8 @@ def test_resume_continues_the_same_curve(tmp_path, tokenizer):
         grpo.main(common + ["--out-dir", str(tmp_path / "cut"), "--stop-at-step", "2"])
         assert len(grpo_log(tmp_path / "cut")) == 2
         grpo.main(common + ["--out-dir", str(tmp_path / "cut"), "--resume"])
+        capsys.readouterr()
+        grpo.main(common + ["--out-dir", str(tmp_path / "bench"), "--bench"])
     finally:
         torch.set_num_threads(threads)
     full, cut = grpo_log(tmp_path / "full"), grpo_log(tmp_path / "cut")
@@ -213,7 +244,46 @@ def test_resume_continues_the_same_curve(tmp_path, tokenizer):
         dumped = [json.loads(ln) for ln in f]
     assert [d["step"] for d in dumped] == [2] * 4 + [4] * 4  # prompts x G at steps 2 and 4
     assert {"turns", "reward", "advantage", "crops", "queries", "finish"} <= set(dumped[0])
+    # --bench: the step split, and the learner against one trajectory per forward; writes nothing
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench: ")]
+    assert len(line) == 1 and "over 3 steps" in line[0] and "x faster" in line[0], line
+    assert not os.path.exists(tmp_path / "bench")
     # the training-dynamics figure (paper Figure 9): one PNG per curve
     from PIL import Image
     grpo.main(["--plot", str(tmp_path / "full" / "log.jsonl")])
     assert Image.open(tmp_path / "full" / "log.png").size == (4 * 360, 3 * 240)
+
+
+def test_batch_logprobs_equal_each_trajectory_alone(tokenizer):
+    """A right-padded micro-batch (one vision call, one LM forward, the lm_head at policy tokens
+    only) gives each trajectory's log-probs and entropies of a forward of it alone, at its policy
+    tokens, and 0 elsewhere."""
+    import numpy as np
+    from PIL import Image
+
+    import grpo
+    import rollout
+    from data import Budget, ChatTokenizer
+    from model import ViLaVT, tiny_config
+    torch.manual_seed(0)
+    model = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))).eval()
+    model.init_weights()
+    ct = ChatTokenizer(tokenizer)
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8))
+            for i, (w, h) in enumerate([(448, 336), (200, 300), (300, 300)])]
+    prompts = [rollout.Prompt([im], f"Question {i}?") for i, im in enumerate(imgs)]
+    with torch.no_grad():
+        trajs = rollout.rollout(model, ct, prompts, 2, rollout.Sampling(seed=0),
+                                rollout.Limits(max_turn_tokens=20, max_new_tokens=20), Budget(max_pixels=224 * 224))
+        items = [dict(ids=t.ids, enc=t.encoder_inputs(ct), mask=torch.tensor(t.policy_mask[1:], dtype=torch.float32))
+                 for t in trajs]
+        assert len({len(t["ids"]) for t in items}) > 1  # rows of different lengths: padded
+        lp, ent = grpo.batch_logprobs(model, items, "cpu", entropy=True)
+        for k, t in enumerate(items):
+            ids = torch.tensor([t["ids"]])
+            h = model.hidden_states(ids, **t["enc"])
+            want, want_ent = model.token_logprobs(h[:, :-1], ids[:, 1:], entropy=True)
+            m, n = t["mask"].bool(), len(t["ids"]) - 1
+            assert torch.allclose(lp[k, :n][m], want[0][m], atol=1e-5) and torch.allclose(ent[k, :n][m], want_ent[0][m],
+                                                                                           atol=1e-5)
+            assert not lp[k, :n][~m].any() and not lp[k, n:].any()

@@ -229,3 +229,29 @@ def test_finished_rows_leave_the_batch(model, ct, monkeypatch):
     trajs = rollout.rollout(Scripted(model, [short, long]), ct, ps, budget=BUDGET)
     assert [t.finish for t in trajs] == ["answer", "answer"]
     assert batch_sizes[0] == 2 and batch_sizes[-1] == 1 and batch_sizes.count(2) == len(short)
+
+
+def test_the_cache_grows_with_use(model, ct, monkeypatch):
+    """The KV cache starts at the prompts plus a chunk and grows as rows need it (observations,
+    decode steps), copying the written slots: the trajectories and every decode step's log-probs
+    equal those of a cache allocated whole, and it never reaches max_context here."""
+    from model import KVCache
+    sizes, grow = [], KVCache.grow
+    monkeypatch.setattr(KVCache, "grow", lambda self, max_len, n=None: sizes.append(max_len) or grow(self, max_len, n))
+    prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
+    lim = rollout.Limits(max_turn_tokens=24, max_new_tokens=48, max_context=4096)
+    runs = {}
+    for chunk in (8, 10**6):  # grown 8+ slots at a time, or allocated whole (max_context) at once
+        monkeypatch.setattr(rollout, "CACHE_CHUNK", chunk)
+        scripted = Scripted(model, [policy_tokens(ct, TWO_CALLS["steps"])])  # two observations
+        free = Scripted(model)  # 3 prompts x 2 samples, greedy, rows finish at different steps
+        runs[chunk] = (rollout.rollout(scripted, ct, [prompt], budget=BUDGET)[0], scripted,
+                       rollout.rollout(free, ct, prompts_of(3), 2, rollout.Sampling(greedy=True), lim, BUDGET), free)
+        if chunk == 8:
+            assert len(sizes) >= 3 and max(sizes) < 4096, sizes
+            sizes.clear()
+    assert sizes == []  # allocated whole: never grown
+    (a, sa, fa, ra), (b, sb, fb, rb) = runs[8], runs[10**6]
+    assert a.ids == b.ids and torch.allclose(sa.logprobs(0, a), sb.logprobs(0, b), atol=1e-5)
+    for r, (x, y) in enumerate(zip(fa, fb)):
+        assert x.ids == y.ids and torch.allclose(ra.logprobs(r, x), rb.logprobs(r, y), atol=1e-5)
