@@ -78,7 +78,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
 
     def forward(self, x, cos, sin, cache=None, cache_pos=None, mask=None):
-        # x: (B, T, C); cos/sin: (B, T, D); cache: a LayerCache; cache_pos: (B,) first slot per row
+        # x: (B, T, C); cos/sin: (B, T, D); cache: a LayerCache; cache_pos: (B,) first slot per row;
+        # mask: (B, 1, T, end) bool over the cache slots, or None for a prefill of every row from slot 0
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -88,7 +89,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if cache is not None and mask is None:
+            # a prefill into an empty cache (every row from slot 0): write it, attend as without one
+            cache.update(cache_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        elif cache is not None:
             k, v = cache.update(cache_pos, k, v)  # (B, Hkv, S, D): everything written so far
             # GQA with a mask: fold each kv head's query heads into the query axis instead of
             # enable_gqa, which with an explicit mask falls back to the math kernel on CUDA and

@@ -439,13 +439,16 @@ class ViLaVT(nn.Module):
                                  cfg.mrope_section, x.dtype)
         mask = None
         if cache is not None:
-            # row b's query i sits at slot cache_pos[b] + i and sees slots <= that
-            end = int(cache_pos.max()) + T
+            # row b's query i sits at slot cache_pos[b] + i and sees slots <= that; a prefill of
+            # every row from slot 0 is plain causal attention (mask None: SDPA's causal kernel)
+            start = int(cache_pos.max())
+            end = start + T
             assert end <= cache.max_len, f"KV cache overflow: need {end} slots, have {cache.max_len}"
             for c in cache.layers:
                 c.end = end
-            q_slot = cache_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            mask = (torch.arange(end, device=x.device)[None, None, :] <= q_slot[:, :, None])[:, None]  # (B,1,T,end)
+            if start > 0:
+                q_slot = cache_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+                mask = (torch.arange(end, device=x.device)[None, None, :] <= q_slot[:, :, None])[:, None]  # (B,1,T,end)
         for i, layer in enumerate(self.model.layers):
             c = None if cache is None else cache.layers[i]
             if self.checkpointing and self.training and cache is None:
