@@ -19,7 +19,7 @@ from PIL import Image
 from pixels import (MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, budget_per_image, crop_image, display_size,
                     load_image, map_bbox, n_visual_tokens, preprocess_image)
 from model import atomic_write
-from reward import parse_turn, problem_kind
+from reward import answer_correct, parse_turn, problem_kind
 
 # -----------------------------------------------------------------------------
 # prompts (the paper's Figures 15 and 16; SPEC section 4)
@@ -447,6 +447,11 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
             _fail(where, "problem_type", str(e))
     if need_answer and not isinstance(rec.get("answer"), (str, int, float)):
         _fail(where, "answer", "missing (string or number)")
+    if need_answer:  # a gold the reward cannot score would stop GRPO at its first reward, mid-run
+        try:
+            answer_correct(str(rec["answer"]), rec["answer"], rec["problem_type"])
+        except ValueError as e:
+            _fail(where, "answer", f"the reward cannot score it: {e}")
     if rec.get("mode", "chat") not in ("chat", "direct"):
         _fail(where, "mode", f"{rec['mode']!r} is not 'chat' or 'direct'")
     mt = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls", 5)

@@ -95,6 +95,14 @@ def unsharded(model, on):
             m.unshard() if on else m.reshard()
 
 
+def prompt_order(step, P, n, seed):
+    """The records of step `step`: global prompt position p = step * P + j is record
+    perm_e[p % n] of epoch e = p // n, a seeded permutation per epoch (as sft.py's data order),
+    so a step that straddles an epoch boundary takes the next epoch's first records."""
+    perm = lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))  # noqa: E731
+    return [int(perm(p // n)[p % n]) for p in range(step * P, step * P + P)]
+
+
 def load_prompts(path, image_root, skip_bad):
     recs, n_bad = data.read_jsonl(path, skip_bad, warn, image_root=image_root, need_answer=True)
     if not recs:
@@ -154,12 +162,14 @@ def rank_micro_batches(batch, budget, device):
     return [[batch[i] for i in g] for g in micro_batches(lengths, budget, int(n))]
 
 
-def batch_logprobs(model, items, device, entropy=False):
+def batch_logprobs(model, items, device, entropy=False, temperature=1.0):
     """log pi(token_t | <t) at the policy tokens of a micro-batch of trajectories, as (rows, T-1)
     right padded, 0 wherever the policy mask is 0: the same ids the sampler produced, every image
     re-encoded in its own group with its own inquiry, in one vision-encoder call and one LM
     forward. The lm_head and its log-softmax run at the policy tokens only (the prompt, images
-    and observations need no log-probs). entropy=True: also the entropy there, (rows, T-1)."""
+    and observations need no log-probs). temperature: the sampler's, so that the ratio of Eq. 6
+    is between the policies that sampled (as verl; top-p is not applied). entropy=True: also the
+    entropy there, (rows, T-1)."""
     assert model.cfg.lm.image_token_id != PAD, "the padding token must be a text token"
     ids = torch.full((len(items), max(len(t["ids"]) for t in items)), PAD, dtype=torch.long)
     for i, t in enumerate(items):
@@ -167,7 +177,8 @@ def batch_logprobs(model, items, device, entropy=False):
     enc = Context.merge_encoder_inputs([t["enc"] for t in items])
     h = model.hidden_states(ids.to(device), **to_device(enc, device))
     pick = padded(items, "mask", ids.shape[1] - 1, device).bool()  # predicts the policy token at t+1
-    out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:].to(device)[pick][None], entropy=entropy)
+    out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:].to(device)[pick][None], entropy=entropy,
+                               temperature=temperature)
     scatter = lambda v: torch.zeros(pick.shape, dtype=v.dtype, device=device).masked_scatter(pick, v[0])  # noqa: E731
     return tuple(map(scatter, out)) if entropy else scatter(out)
 
@@ -189,7 +200,7 @@ def gathered_advantages(rewards, mine, P, G, device):
     return [adv[r].float().cpu() for r in rows]
 
 
-def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0):
+def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0, temperature=1.0):
     """The update batch: every trajectory's tokens, encoder inputs, policy mask (T-1,) and
     log-probs (T-1,) under the current (= old) policy; plus the summed entropy at policy tokens."""
     batch = [dict(ids=t.ids, enc=t.encoder_inputs(ct), mask=torch.tensor(t.policy_mask[1:], dtype=torch.float32),
@@ -197,7 +208,7 @@ def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0):
     ent = 0.0
     with torch.no_grad():
         for items in rank_micro_batches(batch, micro_batch_tokens, device):
-            old, e = batch_logprobs(model, items, device, entropy=True)
+            old, e = batch_logprobs(model, items, device, entropy=True, temperature=temperature)
             for k, t in enumerate(items):
                 n = len(t["ids"]) - 1
                 t["old"] = old[k, :n].cpu()
@@ -229,7 +240,7 @@ def update(model, opt, params, batch, args, device):
             dist.all_reduce(norm)
             norm = max(1.0, norm.item())
             for items in rank_micro_batches(part, args.micro_batch_tokens, device):
-                logp = batch_logprobs(model, items, device)
+                logp = batch_logprobs(model, items, device, temperature=args.temperature)
                 mask, old = padded(items, "mask", logp.shape[1], device), padded(items, "old", logp.shape[1], device)
                 adv = torch.stack([t["adv"] for t in items]).to(device)
                 loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip,
@@ -355,7 +366,10 @@ def train(args, rank, world, device):
         end = min(end, start + 4)  # 1 warm-up step + 3 timed
     print0(f"{len(records)} prompts ({n_bad} bad) | {P} prompts x G={G} per step over {world} rank(s) | "
            f"{args.steps} steps | lr {args.lr} | {sum(p.numel() for p in params) / 1e6:.2f}M trainable params")
-    log = open_log(args.out_dir, start, meta is not None) if rank == 0 and not args.bench else None
+    log = dumps = None
+    if rank == 0 and not args.bench:  # on resume both drop the steps past the checkpoint: they are redone
+        log = open_log(args.out_dir, start, meta is not None)
+        dumps = open_log(args.out_dir, start, meta is not None, "trajectories.jsonl")
     bar = tqdm(total=end, initial=start, disable=rank != 0, dynamic_ncols=True)
     bench = []  # --bench: seconds per step (rollout, old log-probs, update, and both one trajectory per forward)
 
@@ -371,9 +385,7 @@ def train(args, rank, world, device):
 
         # ---- 1. rollouts: this rank's prompts x G, on full weights
         t0 = time.perf_counter()
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(
-            args.seed * 1_000_003 + step * P // len(records)))
-        idx = [int(order[(step * P + j) % len(records)]) for j in range(P)]
+        idx = prompt_order(step, P, len(records), args.seed)
         mine = list(range(rank, P, world))  # global prompt numbers of this rank
         prompts = [make_prompt(*records[idx[j]], args.image_root, budget) for j in mine]
         model.eval()
@@ -393,13 +405,13 @@ def train(args, rank, world, device):
         per_traj = (0.0, 0.0)
         if args.bench:
             ta = time.perf_counter()
-            b0 = old_logprobs(model, ct, trajs, adv, device)[0]
+            b0 = old_logprobs(model, ct, trajs, adv, device, 0, args.temperature)[0]
             tb = time.perf_counter()
             update(model, opt, params, b0, argparse.Namespace(**dict(vars(args), micro_batch_tokens=0)), device)
             per_traj = (tb - ta, time.perf_counter() - tb)
 
         # ---- 5. old log-probs on exactly the rollout tokens (and the policy's entropy)
-        batch, ent = old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens)
+        batch, ent = old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens, args.temperature)
         t2 = time.perf_counter()
 
         # ---- 6. the Eq. 6 updates
@@ -427,8 +439,8 @@ def train(args, rank, world, device):
         if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        if rank == 0 and not args.bench and args.dump_every and step % args.dump_every == 0:
-            dump(os.path.join(args.out_dir, "trajectories.jsonl"), step, trajs, scores, adv)
+        if dumps is not None and args.dump_every and step % args.dump_every == 0:
+            dump(dumps, step, trajs, scores, adv)
         bar.update(1)
         bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}", tools=f"{rec['tool_calls']:.2f}")
         if args.bench and step > start + 1:  # the first step warms up
@@ -439,8 +451,9 @@ def train(args, rank, world, device):
                       f"{rec['clip_frac']:.3f} | kl {rec['approx_kl']:.4f} | time rollout {rec['rollout_s']:.1f}s "
                       f"old-logp {rec['old_logp_s']:.1f}s update {rec['update_s']:.1f}s")
     bar.close()
-    if log is not None:
-        log.close()
+    for f in (log, dumps):
+        if f is not None:
+            f.close()
     if bench:
         roll, old, upd, old0, upd0 = (sum(x) / len(bench) for x in zip(*bench))
         print0(f"bench: mean per step over {len(bench)} steps: rollout {roll:.2f} s | one trajectory per forward: "
@@ -448,15 +461,15 @@ def train(args, rank, world, device):
                f"old log-probs {old:.2f} s, update {upd:.2f} s | learner {(old0 + upd0) / (old + upd):.2f}x faster")
 
 
-def dump(path, step, trajs, scores, adv):
-    """Decoded trajectories with rewards and every crop's box, for inspection."""
-    with open(path, "a") as f:
-        for t, s, a in zip(trajs, scores, adv):
-            crops = [dict(index=i, parent=v.parent, bbox=v.bbox, region=[round(x, 4) for x in v.region],
-                          group=v.group) for i, v in enumerate(t.context.views) if v.bbox is not None]
-            f.write(json.dumps(dict(step=step, turns=t.turns, finish=t.finish, reward=s["reward"],
-                                    correct=s["correct"], format=s["format"], advantage=float(a), crops=crops,
-                                    queries=t.context.queries, errors=t.errors)) + "\n")
+def dump(f, step, trajs, scores, adv):
+    """Decoded trajectories with rewards and every crop's box, for inspection (trajectories.jsonl)."""
+    for t, s, a in zip(trajs, scores, adv):
+        crops = [dict(index=i, parent=v.parent, bbox=v.bbox, region=[round(x, 4) for x in v.region],
+                      group=v.group) for i, v in enumerate(t.context.views) if v.bbox is not None]
+        f.write(json.dumps(dict(step=step, turns=t.turns, finish=t.finish, reward=s["reward"],
+                                correct=s["correct"], format=s["format"], advantage=float(a), crops=crops,
+                                queries=t.context.queries, errors=t.errors)) + "\n")
+    f.flush()
 
 
 # -----------------------------------------------------------------------------

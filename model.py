@@ -472,13 +472,14 @@ class ViLaVT(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, pixel_values, grid_thw, query_ids, query_mask,
                                                image_to_query, **kw))
 
-    def token_logprobs(self, hidden, targets, chunk=1024, entropy=False):
+    def token_logprobs(self, hidden, targets, chunk=1024, entropy=False, temperature=1.0):
         """log p(target) at every position (B, T) from hidden states (B, T, C), in fp32
-        (targets < 0 give 0); with entropy=True also the entropy of each position's
-        distribution (B, T). The lm_head runs chunk by chunk (under activation checkpointing
-        when training), so the (T x vocab) fp32 logits of a 24k-token sample never exist at once."""
+        (targets < 0 give 0), p = softmax(logits / temperature); with entropy=True also the
+        entropy of each position's distribution (B, T). The lm_head runs chunk by chunk (under
+        activation checkpointing when training), so the (T x vocab) fp32 logits of a 24k-token
+        sample never exist at once."""
         def piece(h, t):
-            logp = self.lm_head(h).float().log_softmax(-1)
+            logp = (self.lm_head(h).float() / temperature).log_softmax(-1)
             lp = torch.gather(logp, -1, t.clamp(min=0)[..., None])[..., 0] * (t >= 0)
             return (lp, -(logp.exp() * logp).sum(-1)) if entropy else lp
         out = []

@@ -183,6 +183,9 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry):
     parts = observation_parts(len(ctx.views) - len(new), [v.display for v in new], last_round, error)
     env = [ct.im_end] + ct.encode_parts(parts, [v.n_tokens for v in new])
     if row.cache_len + 1 + len(env) + 1 > limits.max_context:
+        if new:  # the observation does not fit: its crops never enter the trajectory (their tokens are not in it)
+            del ctx.views[-len(new):]
+            ctx.queries.pop()
         return "context_full"
     _append(row, env, policy=False)
     row.feed, row.feed_enc = [tok] + env, enc

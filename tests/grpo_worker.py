@@ -39,7 +39,7 @@ def main():
     args = argparse.Namespace(seed=0, train_text_proj=True, freeze_vision=False, activation_checkpointing=False,
                               lr=1e-3, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
                               aggregation="token-mean", mini_batches=2, update_epochs=1,
-                              micro_batch_tokens=micro_batch_tokens)
+                              micro_batch_tokens=micro_batch_tokens, temperature=1.0)
     model, cfg = build_model(model_dir, None, args, device, rank)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     before = {k: v.clone() for k, v in get_model_state_dict(model, options=full).items()}

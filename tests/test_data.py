@@ -292,6 +292,19 @@ def test_bad_record_at_render(bad_root, ct, rec, field):
     assert ds[1] is None and ds.n_bad == 1 and f"{path}:2" in logged[0]
 
 
+@pytest.mark.parametrize("gold, ptype", [("about 5", "numerical"), ("Apple", "multiple choice")])
+def test_a_gold_the_reward_cannot_score_is_refused_at_load(bad_root, gold, ptype):
+    """RL prompts (read with need_answer, as grpo.py does): a numerical gold that is no number, or
+    a multiple-choice gold that is option text, stop the load naming file:line and the field (or
+    are skipped with skip_bad), instead of the first reward mid-run. Free-form golds score."""
+    rec = good(answer=gold, problem_type=ptype, options=["A. Apple", "B. Pear"])
+    path = write_jsonl(bad_root / "rl.jsonl", [good(answer="a red car", problem_type="free-form"), rec])
+    with pytest.raises(RecordError, match=f"{path}:2: field 'answer'"):
+        data.read_jsonl(path, image_root=str(bad_root))
+    rows, n_bad = data.read_jsonl(path, skip_bad=True, log=lambda m: None, image_root=str(bad_root))
+    assert [w for w, _ in rows] == [f"{path}:1"] and n_bad == 1
+
+
 def test_no_usable_records(bad_root, ct):
     path = write_jsonl(bad_root / "d.jsonl", ["{not json"])
     with pytest.raises(RecordError, match="no usable records"):

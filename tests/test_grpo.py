@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -168,7 +169,7 @@ def test_mean_reward_rises_on_a_toy_reward(tmp_path, tokenizer):
         args = argparse.Namespace(seed=0, train_text_proj=False, freeze_vision=True, activation_checkpointing=False,
                                   lr=1e-2, weight_decay=0.0, grad_clip=1.0, clip_low=0.2, clip_high=0.3,
                                   dual_clip=None, aggregation="token-mean", mini_batches=2, update_epochs=1,
-                                  micro_batch_tokens=4096)
+                                  micro_batch_tokens=4096, temperature=1.0)
         model, _ = build_model(model_dir, None, args, device, rank)
         ct = ChatTokenizer(*load_tokenizers(model_dir))
         opt = make_optimizer(model, args)
@@ -244,6 +245,20 @@ def test_resume_continues_the_same_curve(tmp_path, tokenizer, capsys):
         dumped = [json.loads(ln) for ln in f]
     assert [d["step"] for d in dumped] == [2] * 4 + [4] * 4  # prompts x G at steps 2 and 4
     assert {"turns", "reward", "advantage", "crops", "queries", "finish"} <= set(dumped[0])
+    # killed after step 3 wrote its trajectories but before its checkpoint: the resumed run redoes
+    # step 3 and trajectories.jsonl keeps it once, as log.jsonl does
+    killed = tmp_path / "killed"
+    try:
+        grpo.main(common + ["--out-dir", str(killed), "--stop-at-step", "3", "--dump-every", "1"])
+        shutil.rmtree(killed / "step_000003")
+        os.remove(killed / "latest")
+        os.symlink("step_000002", killed / "latest")
+        grpo.main(common + ["--out-dir", str(killed), "--resume", "--dump-every", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    with open(killed / "trajectories.jsonl") as f:
+        assert [json.loads(ln)["step"] for ln in f] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    assert grpo_log(killed) == full
     # --bench: the step split, and the learner against one trajectory per forward; writes nothing
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bench: ")]
     assert len(line) == 1 and "over 3 steps" in line[0] and "x faster" in line[0], line
@@ -287,3 +302,19 @@ def test_batch_logprobs_equal_each_trajectory_alone(tokenizer):
             assert torch.allclose(lp[k, :n][m], want[0][m], atol=1e-5) and torch.allclose(ent[k, :n][m], want_ent[0][m],
                                                                                            atol=1e-5)
             assert not lp[k, :n][~m].any() and not lp[k, n:].any()
+        # at the sampler's temperature: log softmax(logits / T), the policy that sampled (verl's rule)
+        hot = grpo.batch_logprobs(model, items[:1], "cpu", temperature=0.5)
+        ids = torch.tensor([items[0]["ids"]])
+        logits = model(ids, **items[0]["enc"])[0, :-1] / 0.5
+        want = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        m = items[0]["mask"].bool()
+        assert torch.allclose(hot[0][m], want[m], atol=1e-5) and not torch.allclose(hot[0][m], lp[0, :len(m)][m])
+
+
+def test_prompt_order_is_one_permutation_per_epoch():
+    """Every record once per epoch, also when a step straddles an epoch boundary (5 records, 2
+    per step: step 2 takes the last record of epoch 0 and the first of epoch 1)."""
+    from grpo import prompt_order
+    seq = [i for step in range(5) for i in prompt_order(step, 2, 5, seed=0)]
+    assert sorted(seq[:5]) == sorted(seq[5:]) == list(range(5)), seq
+    assert prompt_order(3, 2, 5, seed=0) == seq[6:8] and prompt_order(3, 2, 5, seed=1) != seq[6:8]

@@ -255,3 +255,20 @@ def test_the_cache_grows_with_use(model, ct, monkeypatch):
     assert a.ids == b.ids and torch.allclose(sa.logprobs(0, a), sb.logprobs(0, b), atol=1e-5)
     for r, (x, y) in enumerate(zip(fa, fb)):
         assert x.ids == y.ids and torch.allclose(ra.logprobs(r, x), rb.logprobs(r, y), atol=1e-5)
+
+
+def test_an_observation_that_does_not_fit_ends_the_trajectory_cleanly(model, ct):
+    """A valid tool call whose crops would overflow max_context ends the row (context_full)
+    without them: the trajectory's images match its image tokens, so its log-probs can be
+    recomputed (GRPO's old log-probs once raised "N image tokens but M features")."""
+    call = call_text(tool([(0, [0, 0, 200, 150])]))
+    p = rollout.Prompt([noise_image(448, 336, 5)], "Q?")
+    probe = run_steps(model, ct, [call, ANSWER])  # how long prompt + call are
+    fits = probe.ids.index(ct.im_end, probe.prompt_len) + 8  # room for the call, not for its crop's tokens
+    traj = rollout.rollout(Scripted(model, [ct.encode(call) + ct.encode(ANSWER) + [ct.im_end]]), ct, [p],
+                           limits=rollout.Limits(max_context=fits), budget=BUDGET)[0]
+    assert traj.finish == "context_full" and traj.n_tool_calls == 1 and len(traj.context.views) == 1
+    assert traj.context.queries == [""]
+    ids = torch.tensor([traj.ids])
+    h = model.hidden_states(ids, **traj.encoder_inputs(ct))  # images and image tokens agree
+    assert h.shape[1] == len(traj.ids)
