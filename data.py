@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from pixels import (MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, budget_per_image, crop_image, display_size,
-                    load_image, map_bbox, n_visual_tokens, preprocess_image)
+                    image_size, load_image, map_bbox, n_visual_tokens, preprocess_image)
 from model import atomic_write
-from reward import answer_correct, parse_turn, problem_kind
+from reward import MAX_ASPECT, answer_correct, parse_turn, problem_kind
 
 # -----------------------------------------------------------------------------
 # prompts (the paper's Figures 15 and 16; SPEC section 4)
@@ -457,10 +457,15 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
     mt = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls", 5)
     if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
         _fail(where, "max_tool_calls", f"must be a non-negative int, got {mt!r}")
-    if image_root is not None:
+    if image_root is not None:  # every file's header now, so a bad one stops the run before its first step
         for p in paths:
-            if not os.path.exists(os.path.join(image_root, p)):
-                _fail(where, key, f"image file not found: {os.path.join(image_root, p)}")
+            f = os.path.join(image_root, p)
+            try:
+                w, h = image_size(f)
+            except (OSError, ValueError) as e:
+                _fail(where, key, str(e))
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                _fail(where, key, f"{f} is {w}x{h}: aspect ratio above {MAX_ASPECT}, the encoder cannot take it")
     steps = rec.get("steps")
     if need_steps or steps is not None:
         if not isinstance(steps, list) or not steps:

@@ -352,6 +352,15 @@ def summarize(name, questions, lines):
             res["breakdowns"]["type (mean of means)"] = {k: (100 * statistics.fmean(v), len(v))
                                                           for k, v in sorted(groups.items())}
             res["score"] = statistics.fmean(m for m, _ in res["breakdowns"]["type (mean of means)"].values())
+            if strip:  # VSI-Bench's official code instead averages a type's difficulty levels' means
+                levels = {}
+                for q, s, _ in rows:
+                    t = str(meta(q, field))
+                    levels.setdefault(re.sub(strip, "", t), {}).setdefault(t, []).append(s)
+                official = {k: (100 * statistics.fmean(statistics.fmean(v) for v in d.values()),
+                                sum(len(v) for v in d.values())) for k, d in sorted(levels.items())}
+                res["breakdowns"]["type (mean of difficulty means, official)"] = official
+                res["score_official"] = statistics.fmean(m for m, _ in official.values())
             return res
     res["score"] = 100 * statistics.fmean(s for _, s, _ in rows)
     rot = res["breakdowns"].get("cycle_category")
@@ -379,6 +388,9 @@ def markdown(summaries, title="Results", labels=None):
         label = s["name"] if labels is None else f"{s['name']} ({labels[i]})"
         out.append(f"| {label} | {metric} | {_fmt(s['score'])} | {n} | {s['failed']} | {_fmt(paper[0])} | "
                    f"{_fmt(paper[1])} |")
+        if s.get("score_official") is not None:  # VSI-Bench: the benchmark's own pooling, beside the authors'
+            out.append(f"| {label}, official pooling | {metric}, difficulty levels averaged | "
+                       f"{_fmt(s['score_official'])} | {n} | {s['failed']} | - | - |")
     for i, s in enumerate(summaries):
         label = s["name"] if labels is None else f"{s['name']} ({labels[i]})"
         for field, groups in s["breakdowns"].items():

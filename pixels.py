@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reward import MAX_ASPECT  # smart_resize refuses anything more elongated; one limit for crops and the reward
+
 # -----------------------------------------------------------------------------
 # constants (SPEC section 2 and 3)
 
@@ -26,7 +28,6 @@ MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json default (16384 to
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TOTAL_VISUAL_TOKENS = 8192  # per-sample budget of the initial images (SPEC section 3, "Budget")
-MAX_ASPECT = 200  # smart_resize refuses anything more elongated than this
 
 
 # -----------------------------------------------------------------------------
@@ -66,6 +67,19 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def image_size(path):
+    """(W, H) of an image file from its header alone, no pixel decoding: records are checked at
+    load with it. Errors as load_image's, naming the path."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def load_image(path):

@@ -177,9 +177,19 @@ def _is_number(x):
     return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
-def validate_tool_call(call, image_sizes: list[tuple[int, int]]) -> str | None:
-    """None if `call` is a valid zoom-in request, else the reason. image_sizes[k] = (W, H)
-    of image k as displayed to the model (originals first, then crops, SPEC 3)."""
+MAX_IMAGES = 52  # visual inputs per trajectory, originals included (paper App. C)
+MAX_ASPECT = 200  # the encoder's limit on an image's elongation (smart_resize); a crop has its box's shape
+
+
+def validate_tool_call(call, image_sizes: list[tuple[int, int]], max_images: int = MAX_IMAGES,
+                       n_images: int | None = None) -> str | None:
+    """None if `call` is a valid zoom-in request, else the reason. The one judge of a call: the
+    rollout's environment runs it before cutting crops and the reward (format_ok) after, so the
+    reward never pays for a call the environment turned down. image_sizes[k] = (W, H) of image k
+    as displayed to the model (originals first, then crops, SPEC 3); n_images: how many images
+    exist when the call is made (default len(image_sizes)). A call may not take the trajectory
+    past max_images visual inputs, nor name a box more elongated than MAX_ASPECT (its crop
+    could not be encoded)."""
     if not isinstance(call, dict):
         return "tool call is not a JSON object"
     if "region" not in call:
@@ -210,6 +220,10 @@ def validate_tool_call(call, image_sizes: list[tuple[int, int]]) -> str | None:
         w, h = image_sizes[k]
         if not (0 <= x1 and x2 <= w and 0 <= y1 and y2 <= h):
             return f"region[{i}] 'bbox_2d' {box} lies outside image {k} (width {w}, height {h})"
+        if max(x2 - x1, y2 - y1) > MAX_ASPECT * min(x2 - x1, y2 - y1):
+            return f"region[{i}] 'bbox_2d' {box} is too thin to encode (aspect ratio above {MAX_ASPECT})"
+    if (len(image_sizes) if n_images is None else n_images) + len(regions) > max_images:
+        return f"too many images: at most {max_images} visual inputs per conversation"
     if "query" not in call:
         return "tool call has no 'query'"
     query = call["query"]
@@ -392,8 +406,8 @@ def answer_correct(pred_text: str | None, gold, problem_type: str) -> float:
 # -----------------------------------------------------------------------------
 # The trajectory reward
 
-def format_ok(turns: list[str], image_sizes: list[tuple[int, int]],
-              n_images_at_turn: list[int] | None = None) -> tuple[bool, str | None]:
+def format_ok(turns: list[str], image_sizes: list[tuple[int, int]], n_images_at_turn: list[int] | None = None,
+              max_images: int = MAX_IMAGES) -> tuple[bool, str | None]:
     """R_format (SPEC 5) of a trajectory's assistant turns, as (ok, first reason or None).
 
     Every turn must parse (balanced, ordered tags), every turn but the last must be a tool
@@ -401,22 +415,29 @@ def format_ok(turns: list[str], image_sizes: list[tuple[int, int]],
     image_sizes lists (W, H) of every image of the trajectory in index order (originals,
     then crops), and by default each call is validated against the full list. Pass
     n_images_at_turn[t] (how many images existed when turn t was written) to also reject a
-    call that references a crop that did not exist yet.
+    call that references a crop that did not exist yet. Calls are judged by validate_tool_call,
+    as the rollout judges them (the max_images cap included).
     """
     if n_images_at_turn is not None and len(n_images_at_turn) != len(turns):
         raise ValueError(f"n_images_at_turn has {len(n_images_at_turn)} entries for {len(turns)} turns")
     if not turns:
         return False, "no assistant turns"
     last = len(turns) - 1
-    for t, text in enumerate(turns):
-        turn = parse_turn(text)
+    parsed = [parse_turn(text) for text in turns]
+    regions = [len(p.tool["region"]) if isinstance(p.tool, dict) and isinstance(p.tool.get("region"), list) else 0
+               for p in parsed]
+    for t, turn in enumerate(parsed):
         if turn.error is not None:
             return False, f"turn {t}: {turn.error}"
         if turn.tool is not None:
             if t == last:
                 return False, f"turn {t}: the last turn is a tool call, not an <answer>"
-            sizes = image_sizes if n_images_at_turn is None else image_sizes[:n_images_at_turn[t]]
-            reason = validate_tool_call(turn.tool, sizes)
+            if n_images_at_turn is None:  # the crops of this call and the later ones end the list
+                sizes, n = image_sizes, len(image_sizes) - sum(regions[t:])
+            else:
+                sizes = image_sizes[:n_images_at_turn[t]]
+                n = len(sizes)
+            reason = validate_tool_call(turn.tool, sizes, max_images, n)
             if reason is not None:
                 return False, f"turn {t}: {reason}"
         elif t != last:
@@ -425,12 +446,12 @@ def format_ok(turns: list[str], image_sizes: list[tuple[int, int]],
 
 
 def score(turns: list[str], gold, problem_type: str, image_sizes: list[tuple[int, int]],
-          n_images_at_turn: list[int] | None = None) -> dict:
+          n_images_at_turn: list[int] | None = None, max_images: int = MAX_IMAGES) -> dict:
     """The reward of one trajectory (paper Eq. 5):
     {"correct": R_correct, "format": R_format, "reward": R, "reason": why format is 0}."""
     answer = extract_answer(turns[-1]) if turns else None
     correct = answer_correct(answer, gold, problem_type)
-    ok, reason = format_ok(turns, image_sizes, n_images_at_turn)
+    ok, reason = format_ok(turns, image_sizes, n_images_at_turn, max_images)
     fmt = 1.0 if ok else 0.0
     # Eq. 5: the format bonus only counts when the answer earns something, so a tidy but
     # wrong trajectory gets 0. The release multiplied by 0.5; GRPO's group normalisation

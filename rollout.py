@@ -25,7 +25,7 @@ import data
 from data import Budget, ChatTokenizer, Context, observation_parts, prompt_parts
 from pixels import load_image
 from model import ViLaVT, rope_index
-from reward import parse_turn, validate_tool_call
+from reward import MAX_IMAGES, parse_turn, validate_tool_call
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Sampling:
 @dataclass
 class Limits:
     max_tool_calls: int = 5  # T_max when a prompt has none (SPEC 4: 5 general, 10 spatial)
-    max_images: int = 52  # visual inputs per trajectory, originals included
+    max_images: int = MAX_IMAGES  # visual inputs per trajectory, originals included (52)
     max_turn_tokens: int = 1024  # policy tokens per assistant turn
     max_new_tokens: int = 4096  # policy tokens per trajectory
     max_context: int = 16384  # most KV-cache slots per row (prompt + turns + observations); allocated as used
@@ -166,9 +166,7 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry):
     if traj.n_tool_calls > row.t_max:
         return "max_tool_calls"
     last_round = traj.n_tool_calls == row.t_max
-    error = turn.error or validate_tool_call(turn.tool, traj.image_sizes())
-    if error is None and len(ctx.views) + len(turn.tool["region"]) > limits.max_images:
-        error = f"too many images: at most {limits.max_images} visual inputs per conversation"
+    error = turn.error or validate_tool_call(turn.tool, traj.image_sizes(), limits.max_images)  # as the reward
     new, enc = [], None
     if error is None:
         try:

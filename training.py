@@ -229,12 +229,16 @@ def start_point(args, keys, model_dir):
     the run's math and data order) changed since it was written; without it, a folder that
     already holds a run is refused. init_from, kept in every checkpoint, is the model the run
     first started from (model_dir, or what the resumed checkpoint recorded)."""
+    held = holds_run(args.out_dir)
+    if not args.resume and not args.bench and held:
+        raise SystemExit(f"{args.out_dir} already holds a run ({held}); pass --resume to continue it, or another "
+                         "--out-dir")
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    if not args.resume and not args.bench and latest_checkpoint(args.out_dir):
-        raise SystemExit(f"{args.out_dir} already holds a run (latest: {latest_checkpoint(args.out_dir)}); "
-                         "pass --resume to continue it, or another --out-dir")
     init_from = os.path.abspath(model_dir)
     if ckpt is None:
+        if args.resume and held:  # never retrain from step 0 over a run's log and checkpoints
+            raise SystemExit(f"--resume: {args.out_dir} holds a run ({held}) but no complete checkpoint; "
+                             "remove the folder to start afresh, or pass another --out-dir")
         if args.resume:
             print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
         return None, None, init_from
@@ -256,10 +260,32 @@ def restore(model, opt, ckpt, meta, rank):
     set_rng_state(meta["rng"][rank % len(meta["rng"])])
 
 
+def complete(step_dir):
+    """A checkpoint folder holds its config and, written last, its meta.json."""
+    return all(os.path.isfile(os.path.join(step_dir, f)) for f in ("config.json", "meta.json"))
+
+
 def latest_checkpoint(out_dir):
-    """The step folder out_dir/latest points to, or None."""
+    """The step folder out_dir/latest points to; if that link dangles or its folder is not
+    complete, the newest complete step_NNNNNN folder (said aloud); None if there is none."""
     p = os.path.join(out_dir, "latest")
-    return os.path.join(out_dir, os.readlink(p)) if os.path.islink(p) and os.path.isdir(p) else None
+    if os.path.islink(p) and complete(p):
+        return os.path.join(out_dir, os.readlink(p))
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_")) if os.path.isdir(out_dir) else []
+    for d in reversed(steps):
+        if complete(os.path.join(out_dir, d)):
+            if os.path.lexists(p):
+                print0(f"{p} -> {os.readlink(p)} is missing or incomplete; the newest complete checkpoint is {d}")
+            return os.path.join(out_dir, d)
+    return None
+
+
+def holds_run(out_dir):
+    """What in out_dir shows that a run wrote there (a checkpoint, the `latest` link, the log), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    found = [d for d in sorted(os.listdir(out_dir)) if d.startswith("step_") or d in ("latest", "log.jsonl")]
+    return ", ".join(found) or None
 
 
 def resolve_checkpoint(path):

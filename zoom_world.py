@@ -688,7 +688,7 @@ def train(script, model, data, out_dir, flags):
     if meta is not None and meta["step"] >= meta["num_steps"]:
         return print(f"{out_dir}: done (step {meta['step']}), skipped")
     run(script, "--model", model, "--data", data, "--image-root", os.path.dirname(data), "--out-dir", out_dir,
-        *flags.split(), *(["--resume"] if ckpt is not None else []))
+        *flags.split(), *(["--resume"] if os.path.exists(out_dir) else []))
 
 
 def evaluate(ckpt, bench, out, flags, n):

@@ -243,6 +243,7 @@ def test_crop_of_crop_maps_to_the_original_region():
 @pytest.fixture()
 def bad_root(tmp_path):
     save(Image.new("RGB", (112, 84), (200, 10, 10)), str(tmp_path / "ok.png"))
+    save(Image.new("RGB", (1, 1000), (200, 10, 10)), str(tmp_path / "thin.png"))  # the encoder refuses it
     (tmp_path / "broken.png").write_bytes(b"this is not a png")
     return tmp_path
 
@@ -257,6 +258,8 @@ def good(**kw):
 
 @pytest.mark.parametrize("line, field", [
     (good(images=["missing.png"]), "images"),
+    (good(images=["broken.png"]), "images"),  # exists, cannot be read: found at load (its header), not at step N
+    (good(images=["thin.png"]), "images"),  # 1x1000: aspect ratio above 200
     (good(problem_type="essay"), "problem_type"),
     ('{"images": ["ok.png"], "question": ', None),
     (good(steps=[{"think": "t"}]), "steps[0]"),
@@ -274,7 +277,6 @@ def test_bad_record_at_load(bad_root, ct, line, field):
 
 
 @pytest.mark.parametrize("rec, field", [
-    (good(images=["broken.png"]), "images"),  # exists, cannot be decoded
     (good(steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 113, 42]}], "query": "q"}},
                  {"think": "t", "answer": "1"}]), "steps[0].tool"),  # box outside the 112x84 image
     (good(steps=[{"think": "t", "tool": {"region": [{"index": 1, "bbox_2d": [0, 0, 5, 5]}], "query": "q"}},

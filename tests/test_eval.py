@@ -220,6 +220,19 @@ def test_vsi_style_mean_of_type_means(tmp_path):
     assert s["name"] == "VSI-Bench"
     assert s["breakdowns"]["type (mean of means)"]["object_rel_direction"] == (pytest.approx(100 / 3), 3)
     assert s["score"] == pytest.approx((100 + 100 / 3) / 2)
+    # the official VSI-Bench code averages the difficulty levels' means instead: with levels of
+    # unequal size the two differ (easy: 2 of 2 right, medium: 0 of 1, hard: 0 of 1)
+    write_json(tmp_path / "vsibench_toy.json", [
+        rec(0, "object_counting", "numerical", "4"), rec(1, "object_rel_direction_easy", "multiple choice", "A"),
+        rec(2, "object_rel_direction_easy", "multiple choice", "A"),
+        rec(3, "object_rel_direction_medium", "multiple choice", "A"),
+        rec(4, "object_rel_direction_hard", "multiple choice", "A")])
+    res.write_text("".join(result(i, f"<think>x</think><answer>{a}</answer>") for i, a in enumerate("4AABC")))
+    s, = E.main(["--score", str(res), "--bench", bench])
+    assert s["score"] == pytest.approx((100 + 200 / 4) / 2)  # the authors' pooling: 2 of 4 right
+    assert s["score_official"] == pytest.approx((100 + 100 / 3) / 2)  # (100 + 0 + 0) / 3 for the type
+    md = open(tmp_path / "vsi.md").read()
+    assert "| VSI-Bench, official pooling |" in md and "by type (mean of difficulty means, official)" in md
 
 
 def test_hrbench_accuracy_and_rotation_spread(tmp_path):

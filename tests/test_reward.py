@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reward  # noqa: E402
 
 from reward import (  # noqa: E402
-    Turn, answer_correct, extract_answer, format_ok, mc_letter, mra, mra_vsibench, parse_turn, problem_kind, score,
-    to_number, validate_tool_call)
+    MAX_ASPECT, Turn, answer_correct, extract_answer, format_ok, mc_letter, mra, mra_vsibench, parse_turn, problem_kind,
+    score, to_number, validate_tool_call)
 
 # -----------------------------------------------------------------------------
 # MRA. Paper: rel < 1 - theta for 1 - theta in {.50,.45,.40,.35,.30,.25,.20,.15,.10,.05}, exact.
@@ -444,11 +444,10 @@ def valid_calls(draw):
     for _ in range(draw(st.integers(1, 4))):
         k = draw(st.integers(0, len(sizes) - 1))
         w, h = sizes[k]
-        x1 = draw(st.integers(0, w - 1))
-        x2 = draw(st.integers(x1 + 1, w))
-        y1 = draw(st.integers(0, h - 1))
-        y2 = draw(st.integers(y1 + 1, h))
-        regions.append({"index": k, "bbox_2d": [x1, y1, x2, y2]})
+        bw = draw(st.integers(1, min(w, MAX_ASPECT * h)))  # boxes no more elongated than MAX_ASPECT
+        bh = draw(st.integers(-(-bw // MAX_ASPECT), min(h, MAX_ASPECT * bw)))
+        x1, y1 = draw(st.integers(0, w - bw)), draw(st.integers(0, h - bh))
+        regions.append({"index": k, "bbox_2d": [x1, y1, x1 + bw, y1 + bh]})
     # A literal tag inside the query would be read as a tag (documented); keep them out.
     query = draw(st.text(min_size=1).filter(lambda q: q.strip() and not re.search(r"</?(think|tool|answer)>", q)))
     return {"region": regions, "query": query}, sizes
@@ -471,3 +470,23 @@ def test_valid_tool_call_round_trips(call_and_sizes, think, pad):
 def test_mra_of_exact_answer_is_one(y):
     assert mra(str(y), str(y)) == 1.0 and mra_vsibench(str(y), str(y)) == 1.0
     assert math.isclose(to_number(str(y)), float(y))
+
+
+def test_the_reward_judges_calls_as_the_environment_does():
+    """One function (validate_tool_call) for the rollout and the reward: a call past the
+    visual-input cap, or a box too thin to encode, is refused by both, so R_format is 0 where the
+    environment turned the call down (both once paid format 1, reward 2)."""
+    sizes = [(300, 300)] * 50  # 50 images exist when the call is made
+    two = '<think> z </think>\n<tool> {"region": [{"index": 0, "bbox_2d": [0, 0, 10, 10]}, ' \
+          '{"index": 1, "bbox_2d": [0, 0, 10, 10]}, {"index": 2, "bbox_2d": [0, 0, 10, 10]}], "query": "q"} </tool>'
+    assert "too many images" in validate_tool_call(json.loads(two.split("<tool>")[1].split("</tool>")[0]), sizes)
+    thin = {"region": [{"index": 0, "bbox_2d": [0, 0, 1, 201]}], "query": "q"}
+    assert "too thin" in validate_tool_call(thin, [(300, 300)])
+    assert validate_tool_call(dict(thin, region=[{"index": 0, "bbox_2d": [0, 0, 1, 200]}]), [(300, 300)]) is None
+    answer = "<think> a </think>\n<answer> B </answer>"
+    # the environment refused the 3 crops: the trajectory holds the 50 images and the call's text
+    s = score([two, answer], "B", "multiple choice", sizes, n_images_at_turn=[50, 50])
+    assert s["format"] == 0 and s["reward"] == 1.0 and "too many images" in s["reason"]
+    s = score([two, answer], "B", "multiple choice", sizes + [(20, 20)] * 3)  # accepted: 53 images, cap 52
+    assert s["format"] == 0 and "too many images" in s["reason"]
+    assert score([two, answer], "B", "multiple choice", sizes + [(20, 20)] * 3, max_images=53)["format"] == 1

@@ -5,6 +5,7 @@ sft.main in this process (same code path as `python sft.py`, without the interpr
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,6 +140,28 @@ def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
     # a resume past the end (the run is at step 5, --stop-at-step 3) stops at once, changing nothing
     run(args + ["--resume", "--stop-at-step", "3"], cwd=world["root"])
     assert losses(out) == losses(baseline) and os.readlink(os.path.join(out, "latest")) == "step_000005"
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_never_overwrites(world, baseline):
+    """`latest` dangling (its step folder removed): --resume continues from the newest complete
+    step folder, exactly; a run without --resume on a folder that holds a run is refused, and so
+    is --resume on one that holds a run but no complete checkpoint (it once retrained from step 0
+    over the log and the checkpoints)."""
+    out = str(world["root"] / "dangling")
+    args = world["args"] + ["--out-dir", out, "--no-activation-checkpointing", "--save-every", "2"]
+    run(args + ["--stop-at-step", "4"], cwd=world["root"])
+    shutil.rmtree(os.path.join(out, "step_000004"))  # `latest` -> step_000004 now dangles
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(args, cwd=world["root"])
+    run(args + ["--resume"], cwd=world["root"])  # from step_000002
+    assert losses(out) == losses(baseline)
+    assert all(torch.equal(a, b) for a, b in zip(final_weights(out).values(), final_weights(baseline).values()))
+    for d in os.listdir(out):
+        if d.startswith("step_"):
+            os.remove(os.path.join(out, d, "meta.json"))  # no complete checkpoint left
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        run(args + ["--resume"], cwd=world["root"])
+    assert len(losses(out)) == STEPS  # the log is untouched
 
 
 def test_import_release_trains(world, tmp_path):
