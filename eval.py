@@ -51,6 +51,7 @@ and response (the raw final assistant turn) plus answer, score, all turns, crops
 
 import argparse
 import ast
+import dataclasses
 import glob
 import json
 import os
@@ -58,6 +59,7 @@ import re
 import statistics
 import sys
 import time
+import zlib
 
 import torch
 
@@ -488,7 +490,10 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
                     t_max = 0
                 # a record's own per-image budget (our JSONL schema) is what it was made for; a sweep overrides it
                 max_pixels = None if args.sweep else q["max_pixels"]
-                ready.append((i, q, make_prompt(q, imgs, mode, t_max, max_pixels), t_max))
+                # sampled answers follow the question, not its batch: a resumed run redraws them alike
+                prompt = dataclasses.replace(make_prompt(q, imgs, mode, t_max, max_pixels),
+                                             seed=zlib.crc32(f"{args.seed}:{q['qid']}".encode()))
+                ready.append((i, q, prompt, t_max))
             _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank)
     finally:
         writer.close()
@@ -509,8 +514,7 @@ def _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank):
     alone, with its reason in its line; nothing stops the run."""
     if not ready:
         return
-    sampling = rollout.Sampling(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
-                                seed=args.seed + ready[0][0])  # the seed follows the question, not the batch
+    sampling = rollout.Sampling(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy)
     t0 = time.time()
     try:
         trajs = rollout.rollout(model, ct, [p for _, _, p, _ in ready], 1, sampling, limits, budget,

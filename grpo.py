@@ -19,6 +19,7 @@ Checkpoints, resume and the distributed setup are training.py's, as for sft.py.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -387,10 +388,12 @@ def train(args, rank, world, device):
         t0 = time.perf_counter()
         idx = prompt_order(step, P, len(records), args.seed)
         mine = list(range(rank, P, world))  # global prompt numbers of this rank
-        prompts = [make_prompt(*records[idx[j]], args.image_root, budget) for j in mine]
+        # each prompt's samples are seeded by its global number in the run, not by the rank that rolls it out
+        prompts = [dataclasses.replace(make_prompt(*records[idx[j]], args.image_root, budget),
+                                       seed=args.seed * 1_000_003 + step * P + j) for j in mine]
         model.eval()
         unsharded(model, True)
-        sampling = rollout.Sampling(args.temperature, args.top_p, seed=args.seed * 1_000_003 + step * 1009 + rank)
+        sampling = rollout.Sampling(args.temperature, args.top_p)
         with torch.no_grad():
             trajs = rollout.rollout(model, ct, prompts, G, sampling, limits, budget)
         unsharded(model, False)

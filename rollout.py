@@ -55,6 +55,8 @@ class Prompt:
     system: str = data.SYSTEM_PROMPT  # the paper's Figure 15
     instructions: str | None = None  # text after the question; None = Figure 16's tool/answer formats
     user: str | None = None  # a whole user turn with '<image>' placeholders (replaces Figure 16)
+    seed: int | None = None  # sample g draws from its own generator seeded (seed, g), so what a prompt's samples
+    #   are does not depend on the batch it was in; None: (Sampling.seed, the prompt's number in the call)
     # (a record's prompt: Prompt(images, max_tool_calls=..., **data.record_prompt(rec)))
 
 
@@ -86,8 +88,9 @@ class Trajectory:
 # sampling
 
 
-def sample(logits, s: Sampling, gen):
-    """logits (n, V) -> tokens (n,). Temperature, then top-k, then top-p (nucleus)."""
+def sample(logits, s: Sampling, gens):
+    """logits (n, V) -> tokens (n,). Temperature, then top-k, then top-p (nucleus); row i draws
+    from generator gens[i]."""
     if s.greedy or s.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / s.temperature
@@ -100,7 +103,8 @@ def sample(logits, s: Sampling, gen):
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).flatten()
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +210,9 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     device = model.lm_head.weight.device
     image_token = model.cfg.lm.image_token_id
     G, n = group_size, len(prompts) * group_size
-    gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    base = [sampling.seed * 1_000_003 + b if p.seed is None else p.seed for b, p in enumerate(prompts)]
+    gens = [torch.Generator(device=device).manual_seed((base[b] * 1009 + g) % 2**63)  # row b*G + g's own stream
+            for b in range(len(prompts)) for g in range(group_size)]
     banned = torch.tensor([ct.image_pad, ct.vision_start, ct.vision_end], device=device)
     rows = []
     # ---- prefill all prompts in one right-padded batch (all but each one's last token) into
@@ -264,7 +270,8 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
         logits = model(x, position_ids=pos, cache=cache, cache_pos=cache_pos)[:, -1].float()
         # the policy never writes image blocks: a sampled <|image_pad|> would be an image slot
         # with no image behind it (GRPO's log-probs are those of the unmasked model)
-        toks = sample(logits.index_fill(-1, banned, float("-inf")), sampling, gen).tolist()  # one host sync per step
+        toks = sample(logits.index_fill(-1, banned, float("-inf")), sampling, [gens[r] for r in live])
+        toks = toks.tolist()  # one host sync per step
         keep = []
         for i, r in enumerate(live):
             row = rows[r]
