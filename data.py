@@ -1,7 +1,7 @@
 """
 Data: the prompts (the paper's Figures 15/16) and chat rendering, tokens, the images of one
-trajectory (originals and crops, by pixels.py's rules), trajectory records and datasets, the
-importer of the release's SFT data, and a tiny tokenizer trainer for CPU-sized models.
+trajectory (originals and crops, by pixels.py's rules), trajectory records and datasets, and a
+tiny tokenizer trainer for CPU-sized models (release.py imports the authors' SFT records).
 `python data.py RECORDS.jsonl --index N --model DIR` shows one record as the model reads it.
 
 SFT renders whole gold trajectories with these functions and the rollout renders each prompt and
@@ -18,8 +18,7 @@ from PIL import Image
 
 from pixels import (MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, budget_per_image, crop_image, display_size,
                     image_size, load_image, map_bbox, n_visual_tokens, preprocess_image)
-from model import atomic_write
-from reward import MAX_ASPECT, answer_correct, parse_turn, problem_kind
+from reward import MAX_ASPECT, MAX_IMAGES, answer_correct, problem_kind, validate_tool_call
 
 # -----------------------------------------------------------------------------
 # prompts (the paper's Figures 15 and 16; SPEC section 4)
@@ -342,6 +341,14 @@ class Context:
             self.views.append(View(i, (0.0, 0.0, 1.0, 1.0), pv, grid, group=len(self.queries)))
             self.queries.append("")
 
+    @classmethod
+    def of(cls, originals, budget, max_pixels=None):
+        """The images of a trajectory under the one sizing rule of SFT, GRPO and eval: a record's
+        own max_pixels caps every image of it, originals and crops (as the release's SFT capped
+        every image of a record); otherwise the budget's shares (SPEC 3)."""
+        return cls(originals, max_pixels or budget.for_originals(len(originals)),
+                   min(budget.for_crops(), max_pixels) if max_pixels else budget.for_crops(), budget.min_pixels)
+
     def zoom(self, call, crop_files=None):
         """Apply a (validated) tool call: one new group holding its crops, encoded with its
         query. crop_files: pre-made crop images (imported release data) used instead of
@@ -454,6 +461,9 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
             _fail(where, "answer", f"the reward cannot score it: {e}")
     if rec.get("mode", "chat") not in ("chat", "direct"):
         _fail(where, "mode", f"{rec['mode']!r} is not 'chat' or 'direct'")
+    mp = rec.get("max_pixels")
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < MIN_PIXELS):
+        _fail(where, "max_pixels", f"must be an int >= {MIN_PIXELS} (pixels per original image), got {mp!r}")
     mt = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls", 5)
     if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
         _fail(where, "max_tool_calls", f"must be a non-negative int, got {mt!r}")
@@ -470,6 +480,7 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
     if need_steps or steps is not None:
         if not isinstance(steps, list) or not steps:
             _fail(where, "steps", "must be a non-empty list")
+        n_images = len(image_paths(rec))
         for k, s in enumerate(steps):
             f = f"steps[{k}]"
             last = k == len(steps) - 1
@@ -488,6 +499,12 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
                     _fail(where, f + ".tool.region", "must be a non-empty list of {index, bbox_2d}")
                 if not isinstance(t.get("query"), str) or not t["query"].strip():
                     _fail(where, f + ".tool.query", "must be a non-empty string")
+                n_images += len(t["region"])
+                if n_images > MAX_IMAGES:  # the rollout's cap: SFT does not train what a rollout refuses
+                    _fail(where, f + ".tool.region", f"too many images: at most {MAX_IMAGES} visual inputs per "
+                                                     "conversation, as in the rollout")
+            elif isinstance(s.get("answer"), bool) or not isinstance(s.get("answer"), (str, int, float)):
+                _fail(where, f + ".answer", f"must be a string or a number, got {s.get('answer')!r}")
         if len(steps) - 1 > mt:
             _fail(where, "steps", f"{len(steps) - 1} tool calls exceed max_tool_calls={mt}")
     return rec
@@ -534,10 +551,10 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
     assistant <|im_end|> included (the release also trained the '\\n' after it; we do not);
     pixel_values, grid_thw, image_to_query, query_ids, query_mask: every image and crop of the
     trajectory for the dynamic encoder; text: the sequence as the model reads it.
-    Crops are cut on the fly by the crop rule unless the record carries pre-made ones."""
+    Crops are cut on the fly by the crop rule unless the record carries pre-made ones. A record's
+    own max_pixels caps its originals and its crops (Context.of)."""
     originals = load_originals(rec, where, image_root, budget.max_frames)
-    ctx = Context(originals, rec.get("max_pixels") or budget.for_originals(len(originals)),
-                  budget.for_crops(), budget.min_pixels)
+    ctx = Context.of(originals, budget, rec.get("max_pixels"))
     ids, labels, text = [], [], []
 
     def env(parts, views):
@@ -565,7 +582,10 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
                 crops = [load_image(os.path.join(image_root, p)) for p in step["crops"]]
             except (OSError, ValueError) as e:
                 raise RecordError(f"{where}: field 'steps[{k}].crops': {e}") from None
-        try:
+        try:  # judged as the rollout judges a call (reward.validate_tool_call), then cut
+            error = validate_tool_call(step["tool"], [v.display for v in ctx.views])
+            if error is not None:
+                raise ValueError(error)
             new = ctx.zoom(step["tool"], crops)
         except ValueError as e:
             raise RecordError(f"{where}: field 'steps[{k}].tool': {e}") from None
@@ -603,102 +623,6 @@ class TrajectoryDataset:
             self.n_bad += 1
             self.log(f"skipping bad record: {e}")
             return None
-
-
-# -----------------------------------------------------------------------------
-# importer: the authors' released SFT records (SPEC 7)
-
-
-def import_release_record(rec, where):
-    """A ViLaVT-Data record ({images, conversations, queries, image_to_query_mapping,
-    max_pixels?, mask_history?}) -> our schema, keeping the release's texts verbatim
-    (system, user prompt, assistant turns, observations) and its pre-made crop files.
-    mask_history is not reproduced: we train on every assistant turn."""
-    conv, images = rec.get("conversations"), rec.get("images")
-    if not isinstance(conv, list) or not conv:
-        _fail(where, "conversations", "must be a non-empty list")
-    if not isinstance(images, list):
-        _fail(where, "images", "must be a list of paths")
-    mapping = rec.get("image_to_query_mapping", list(range(len(images))))
-    queries = rec.get("queries", [""] * len(images))
-    if len(mapping) != len(images):
-        _fail(where, "image_to_query_mapping", f"{len(mapping)} entries for {len(images)} images")
-    out = {"images": [], "question": "", "steps": []}
-    turns = list(conv)
-    off = 0  # conversations[k] in messages counts the system turn
-    if turns[0].get("from") == "system":
-        out["system"], off = turns.pop(0)["value"], 1
-    if not turns or turns[0].get("from") != "human":
-        _fail(where, "conversations", "must start with a human turn (after an optional system turn)")
-    user = turns[0]["value"]
-    n_orig = user.count("<image>")
-    out["images"], out["prompt"] = images[:n_orig], user
-    out["question"] = user.replace("<image>", "").strip()
-    next_image, steps = n_orig, []
-    for j in range(1, len(turns)):
-        t, k = turns[j], j + off
-        if t.get("from") == "gpt":
-            step = {"text": t["value"]}
-            turn = parse_turn(t["value"])
-            if turn.tool is not None:
-                step["tool"] = dict(turn.tool)
-            elif turn.answer is not None:
-                step["answer"] = turn.answer
-            else:
-                _fail(where, f"conversations[{k}]", f"assistant turn is neither a tool call nor an answer ({turn.error})")
-            steps.append(step)
-        elif t.get("from") == "human":
-            if not steps or "tool" not in steps[-1]:
-                _fail(where, f"conversations[{k}]", "a human turn must follow a tool call")
-            n = t["value"].count("<image>")
-            crops = images[next_image:next_image + n]
-            groups = set(mapping[next_image:next_image + n])
-            if len(crops) != n or len(groups) != 1:
-                _fail(where, "image_to_query_mapping", f"crops of conversations[{k}] do not form one query group")
-            steps[-1]["crops"], steps[-1]["observation"] = crops, t["value"]
-            g = groups.pop()
-            if not isinstance(g, int) or not 0 <= g < len(queries) or not isinstance(queries[g], str):
-                _fail(where, "queries", f"no query string for group {g!r} of conversations[{k}]")
-            steps[-1]["tool"]["query"] = queries[g]  # what the release's encoder saw
-            next_image += n
-        else:
-            _fail(where, f"conversations[{k}].from", f"unknown role {t.get('from')!r}")
-    out["steps"] = steps
-    out["max_tool_calls"] = sum("tool" in s for s in steps[:-1]) if steps else 0
-    if "max_pixels" in rec:
-        out["max_pixels"] = rec["max_pixels"]
-    return out
-
-
-
-def import_release(src, dst, skip_bad=False, log=print):
-    """The release's records (a JSON list, or JSONL) -> our JSONL via data.import_release_record.
-    Returns (records written, records skipped)."""
-    with open(src) as f:
-        text = f.read()
-    try:
-        recs = json.loads(text)
-        items = [(f"{src}[{i}]", r) for i, r in enumerate(recs if isinstance(recs, list) else [recs])]
-    except json.JSONDecodeError:  # JSONL: one record per line
-        items = [(f"{src}:{i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    n_bad, out = 0, []
-    for where, rec in items:
-        try:
-            if isinstance(rec, str):
-                try:
-                    rec = json.loads(rec)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{where}: malformed JSON ({e})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            out.append(json.dumps(import_release_record(rec, where)) + "\n")
-        except RecordError as e:
-            if not skip_bad:
-                raise
-            n_bad += 1
-            log(f"skipping bad release record: {e}")
-    atomic_write(dst, "".join(out))
-    return len(items) - n_bad, n_bad
 
 
 # -----------------------------------------------------------------------------

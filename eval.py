@@ -216,7 +216,10 @@ def load_bench(path, max_frames=32):
                     recs.append(ValueError(f"{path}:{i + 1}: malformed JSON ({e})"))
     else:
         with open(path) as f:
-            recs = json.load(f)
+            try:
+                recs = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}: malformed JSON ({e})") from None
         if isinstance(recs, dict):  # {"data": [...]} or {"questions": [...]}
             recs = next((v for v in recs.values() if isinstance(v, list)), None)
         if not isinstance(recs, list):

@@ -220,7 +220,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     # length hold padding garbage that its decode steps overwrite before they ever attend to it.
     ctxs, prompt_ids, encs = [], [], []
     for b, p in enumerate(prompts):
-        ctx = Context(p.images, p.max_pixels or budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
+        ctx = Context.of(p.images, budget, p.max_pixels)
         parts = prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
         ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-import data
+import release
 from data import Budget, ChatTokenizer, TrajectoryDataset
 from model import config_to_hf
 from training import (build_model, dist_setup, dist_teardown, lr_at, make_optimizer, open_log, print0,
@@ -75,7 +75,10 @@ def parse_args(argv=None):
     a("--max-pixels", type=int, default=200704, help="max pixels per original image (default: 200704 = 256 "
                                                      "tokens, the release's SFT); 0: share --total-visual-tokens")
     a("--min-pixels", type=int, default=3136, help="min pixels per image (default: 3136)")
-    a("--total-visual-tokens", type=int, default=8192, help="per-sample budget; also caps each crop (default: 8192)")
+    a("--total-visual-tokens", type=int, default=8192, help="per-sample budget (default: 8192)")
+    a("--crop-max-pixels", type=int, default=0, help="max pixels per crop; 0: the whole --total-visual-tokens "
+                                                     "budget (SPEC 3, as at inference). A record's own max_pixels "
+                                                     "caps its crops too (the release's SFT: 200704 for every image)")
     # what trains (SPEC 2): the inquiry text encoder is always frozen
     a("--train-text-proj", action="store_true", help="train text_proj (the release froze it during SFT)")
     a("--freeze-vision", action="store_true", help="freeze the whole ViT, instruct projections included")
@@ -90,7 +93,7 @@ def parse_args(argv=None):
 
 # Flags that must not change across --resume (they define the run's math and data order).
 RESUME_KEYS = ("data", "image_root", "import_release", "epochs", "max_steps", "global_batch", "lr", "warmup",
-               "weight_decay", "grad_clip", "seed", "max_length", "max_pixels", "min_pixels",
+               "weight_decay", "grad_clip", "seed", "max_length", "max_pixels", "crop_max_pixels", "min_pixels",
                "total_visual_tokens", "train_text_proj", "freeze_vision", "skip_bad")
 
 # -----------------------------------------------------------------------------
@@ -169,7 +172,7 @@ def train(args, rank, world, device):
     model_dir, embedder_dir = resolve_checkpoint(args.model), args.embedder
     # a record's own max_pixels (e.g. the zoom world's display size) wins over --max-pixels
     budget = Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None,
-                    min_pixels=args.min_pixels)
+                    crop_max_pixels=args.crop_max_pixels or None, min_pixels=args.min_pixels)
     args.image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     ckpt, meta, init_from = start_point(args, RESUME_KEYS, model_dir)
     if ckpt is not None:
@@ -178,7 +181,7 @@ def train(args, rank, world, device):
         imported = os.path.join(args.out_dir, "imported.jsonl")
         if rank == 0:
             os.makedirs(args.out_dir, exist_ok=True)
-            n_ok, n_bad = data.import_release(args.data, imported, args.skip_bad, log=warn)
+            n_ok, n_bad = release.import_release(args.data, imported, args.skip_bad, log=warn)
             print0(f"imported {n_ok} release records from {args.data} ({n_bad} skipped) -> {imported}")
         dist.barrier()
         data_path = imported

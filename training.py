@@ -20,7 +20,7 @@ replaced atomically; a run killed mid-save leaves the previous checkpoint intact
         config.json, model.safetensors (or shards + index; fp32 master weights)
         tokenizer files, query_tokenizer/ (the inquiry tokenizer)
         meta.json                   step, args, config, init_from, per-rank RNG states
-        optim/                      AdamW state, sharded per rank (torch.distributed.checkpoint)
+        optim/                      AdamW state, one safetensors file per rank (no pickle: see save_optimizer)
 """
 
 import json
@@ -31,11 +31,13 @@ import shutil
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from model import ViLaVT, config_from_hf, read_json, save_checkpoint
 
@@ -215,12 +217,64 @@ def save(out_dir, step, model, opt, cfg, toks, meta, source_dir, rank):
                 if os.path.exists(os.path.join(source_dir, f)):
                     shutil.copy(os.path.join(source_dir, f), tmp)
         dist.barrier()
-        dcp.save(osd, checkpoint_id=os.path.join(tmp, "optim"))  # each rank writes its own shard
+        save_optimizer(osd, os.path.join(tmp, "optim"), rank)  # each rank writes its own shard
         if rank == 0:
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(dict(meta, rng=rngs), f)
 
     return write_checkpoint(out_dir, step, write, rank)
+
+
+# The optimizer state is kept as tensors in safetensors files, one per rank, with nothing to
+# unpickle: torch.distributed.checkpoint writes a pickled `.metadata` that loading executes, so a
+# crafted run folder could run code on --resume. The price: a run resumes on the world size that
+# saved it (DCP could reshard).
+
+
+def optim_file(folder, rank):
+    return os.path.join(folder, f"rank{rank:05d}-of-{dist.get_world_size():05d}.safetensors")
+
+
+def save_optimizer(osd, folder, rank):
+    """This rank's shard of the optimizer state (get_optimizer_state_dict) as safetensors: the key
+    of param p's state s is "p/s"; sharded tensors are saved as this rank's local part. The param
+    groups are rebuilt from the flags on resume (the LR is set at every step)."""
+    flat = {}
+    for name, state in osd["state"].items():
+        for k, v in state.items():
+            if not torch.is_tensor(v):
+                raise TypeError(f"optimizer state {name}/{k} is a {type(v).__name__}, not a tensor")
+            flat[f"{name}/{k}"] = (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+    os.makedirs(folder, exist_ok=True)
+    save_file(flat, optim_file(folder, rank))
+
+
+def load_optimizer(model, opt, folder, rank):
+    """Restore this rank's shard saved by save_optimizer into `opt`, checking every key and shape;
+    a missing, truncated or mismatched file stops with an error naming it."""
+    path = optim_file(folder, rank)
+    if os.path.exists(os.path.join(folder, ".metadata")) and not os.path.exists(path):
+        raise SystemExit(f"{folder} holds torch.distributed.checkpoint's format (an earlier version of this code), "
+                         "which --resume no longer reads because loading it unpickles; start a new run from this "
+                         "checkpoint's weights (--model) instead")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: the run is resumed on a world size ({dist.get_world_size()}) other than "
+                         f"the one that saved it ({', '.join(sorted(os.listdir(folder))) or 'no shards'})")
+    osd = get_optimizer_state_dict(model, opt)  # the layout, with this rank's shapes
+    want = {f"{n}/{k}": v for n, state in osd["state"].items() for k, v in state.items()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            missing, unexpected = sorted(set(want) - set(f.keys())), sorted(set(f.keys()) - set(want))
+            if missing or unexpected:
+                raise ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for key, v in want.items():
+                t, local = f.get_tensor(key), v.to_local() if isinstance(v, DTensor) else v
+                if t.shape != local.shape:
+                    raise ValueError(f"{key}: saved {tuple(t.shape)}, the model has {tuple(local.shape)}")
+                local.copy_(t)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{path}: unreadable optimizer state ({e})") from None
+    set_optimizer_state_dict(model, opt, osd)
 
 
 def start_point(args, keys, model_dir):
@@ -254,9 +308,7 @@ def start_point(args, keys, model_dir):
 def restore(model, opt, ckpt, meta, rank):
     """Resume: this rank's shard of the AdamW state and its RNG state (the weights were loaded
     from the checkpoint folder itself)."""
-    osd = get_optimizer_state_dict(model, opt)
-    dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optim"))
-    set_optimizer_state_dict(model, opt, osd)
+    load_optimizer(model, opt, os.path.join(ckpt, "optim"), rank)
     set_rng_state(meta["rng"][rank % len(meta["rng"])])
 
 

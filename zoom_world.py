@@ -565,9 +565,9 @@ def _specs(rng, cfg, n, share_direct=0.0):
 
 def display_budget(cfg=ZoomWorldConfig()):
     """The Budget the zoom world's images are made for: the scripts' defaults (8,192 visual
-    tokens, a crop capped at the whole budget), with every original at the display size, which
-    each record also carries as its own max_pixels: sft.py, grpo.py and eval.py read it there."""
-    return Budget(max_pixels=cfg.display_max_pixels)
+    tokens) with every image at most the display size, which each record also carries as its own
+    max_pixels: sft.py, grpo.py and eval.py cap its originals and crops with it (data.Context.of)."""
+    return Budget(max_pixels=cfg.display_max_pixels, crop_max_pixels=cfg.display_max_pixels)
 
 
 def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=None):

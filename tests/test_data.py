@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import data
+import release
 import pixels
 from data import Budget, ChatTokenizer, Context, RecordError, TrajectoryDataset, render_sample
 
@@ -261,6 +262,11 @@ def good(**kw):
     (good(images=["broken.png"]), "images"),  # exists, cannot be read: found at load (its header), not at step N
     (good(images=["thin.png"]), "images"),  # 1x1000: aspect ratio above 200
     (good(problem_type="essay"), "problem_type"),
+    (good(max_pixels="big"), "max_pixels"),
+    # what a rollout refuses, SFT does not train: 1 + 60 visual inputs; an answer that is an object
+    (good(steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 56, 42]}] * 60, "query": "q"}},
+                 {"think": "t", "answer": "1"}]), "steps[0].tool.region"),
+    (good(steps=[{"think": "t", "answer": {"value": 1}}]), "steps[0].answer"),
     ('{"images": ["ok.png"], "question": ', None),
     (good(steps=[{"think": "t"}]), "steps[0]"),
 ])
@@ -281,6 +287,8 @@ def test_bad_record_at_load(bad_root, ct, line, field):
                  {"think": "t", "answer": "1"}]), "steps[0].tool"),  # box outside the 112x84 image
     (good(steps=[{"think": "t", "tool": {"region": [{"index": 1, "bbox_2d": [0, 0, 5, 5]}], "query": "q"}},
                  {"think": "t", "answer": "1"}]), "steps[0].tool"),  # index of an image that does not exist
+    (good(steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 0.2, 42]}], "query": "q"}},
+                 {"think": "t", "answer": "1"}]), "steps[0].tool"),  # 0.2 x 42: too thin, as the rollout says
 ])
 def test_bad_record_at_render(bad_root, ct, rec, field):
     path = write_jsonl(bad_root / "d.jsonl", [good(), rec])
@@ -307,6 +315,18 @@ def test_a_gold_the_reward_cannot_score_is_refused_at_load(bad_root, gold, ptype
     assert [w for w, _ in rows] == [f"{path}:1"] and n_bad == 1
 
 
+def test_sft_caps_crops_at_the_record_max_pixels(bad_root, ct):
+    """As the release's SFT did: a record's max_pixels caps its crops, not only its originals
+    (a crop may otherwise take the whole 8,192-token budget); sft.py --crop-max-pixels caps all."""
+    rec = good(max_pixels=56 * 56, steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 56, 28]}],
+                                                                  "query": "q"}}, {"think": "t", "answer": "1"}])
+    free = render_sample(dict(rec, max_pixels=None), "r", str(bad_root), ct, Budget())["context"].views[1].display
+    capped = render_sample(rec, "r", str(bad_root), ct, Budget())["context"].views[1].display
+    flag = render_sample(dict(rec, max_pixels=None), "r", str(bad_root), ct, Budget(crop_max_pixels=56 * 56))
+    assert free[0] * free[1] > 56 * 56 >= capped[0] * capped[1]
+    assert flag["context"].views[1].display == capped
+
+
 def test_no_usable_records(bad_root, ct):
     path = write_jsonl(bad_root / "d.jsonl", ["{not json"])
     with pytest.raises(RecordError, match="no usable records"):
@@ -323,7 +343,7 @@ def test_import_release_record(tmp_path, ct, tokenizer):
     crop_file = Image.fromarray(rng.integers(0, 256, (84, 140, 3), dtype=np.uint8))  # not what the crop rule makes
     save(crop_file, str(tmp_path / "orig_crop0.png"))
     tool = '{"region": [{"index": 0, "bbox_2d": [0, 0, 56, 42]}], "query": "the sign"}'
-    release = {
+    rec_release = {
         "images": ["orig.png", "orig_crop0.png"],
         "conversations": [
             {"from": "system", "value": "You are a helpful assistant."},
@@ -335,7 +355,7 @@ def test_import_release_record(tmp_path, ct, tokenizer):
         "image_to_query_mapping": [0, 1],
         "max_pixels": 200704,
     }
-    rec = data.import_release_record(release, "release.json:1")
+    rec = release.import_release_record(rec_release, "release.json:1")
     data.check_record(rec, "release.json:1", image_root=str(tmp_path), need_steps=True, need_answer=False)
     assert rec["images"] == ["orig.png"] and rec["steps"][0]["crops"] == ["orig_crop0.png"]
     assert rec["steps"][0]["tool"]["query"] == "read the number on the sign"  # the encoder's query, from `queries`
@@ -356,6 +376,6 @@ def test_import_release_record(tmp_path, ct, tokenizer):
     assert s["query_ids"][1, :len(q)].tolist() == q and s["query_mask"][1].sum() == len(q)
     assert s["query_mask"][0].sum() == 0 and s["image_to_query"].tolist() == [0, 1]
 
-    bad = dict(release, image_to_query_mapping=[0])
+    bad = dict(rec_release, image_to_query_mapping=[0])
     with pytest.raises(RecordError, match="release.json:1: field 'image_to_query_mapping'"):
-        data.import_release_record(bad, "release.json:1")
+        release.import_release_record(bad, "release.json:1")

@@ -202,6 +202,13 @@ def test_plain_mode_reads_the_whole_reply():
     assert E.score_answer(E.final_answer(" B.", "plain"), q) == (1.0, "B")
 
 
+def test_a_malformed_benchmark_file_is_named(tmp_path):
+    bad = tmp_path / "HRBench4K.json"
+    bad.write_text('[{"question": "Q", ')
+    with pytest.raises(SystemExit, match=f"{bad}: malformed JSON"):
+        E.load_bench(str(bad))
+
+
 def test_vsi_style_mean_of_type_means(tmp_path):
     def rec(qid, qtype, kind, gold):
         return dict(question_id=qid, question="Q", answer=gold, problem_type=kind, images=["v.png"],

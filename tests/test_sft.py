@@ -5,6 +5,7 @@ sft.main in this process (same code path as `python sft.py`, without the interpr
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -93,8 +94,15 @@ def test_two_ranks_match_one(world, baseline):
     # 2 ranks x 2 micro-batches vs 1 rank x 4 (same global batch of 4): the loss is the
     # token-weighted mean over the global batch, so the curves agree. Activation checkpointing
     # on here, off in the baseline: it must not change the numbers either.
+    # The 2-rank run is cut after step 3 and resumed: its sharded optimizer state round-trips.
     out = str(world["root"] / "two_ranks")
-    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing"], cwd=world["root"], nproc=2)
+    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--stop-at-step", "3"], cwd=world["root"],
+             nproc=2)
+    assert sorted(os.listdir(os.path.join(out, "step_000003", "optim"))) == [
+        "rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors"]
+    with pytest.raises(SystemExit, match="world size"):  # per-rank shards: resume on the world size that saved them
+        run(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--resume"], cwd=world["root"])
+    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--resume"], cwd=world["root"], nproc=2)
     a, b = losses(out), losses(baseline)
     assert len(a) == STEPS and rel_diff(a, b) <= 1e-4, (a, b)
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -108,15 +116,15 @@ def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
     # weights into the temp dir, before the optimizer shards. `latest` must still name step 2,
     # which must load; --resume from it redoes steps 3..5 exactly as the uninterrupted run.
     out = str(world["root"] / "killed")
-    calls, dcp_save = [], training.dcp.save
+    calls, save_optimizer = [], training.save_optimizer
 
     def save(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated crash mid-save")
-        return dcp_save(*a, **k)
+        return save_optimizer(*a, **k)
 
-    monkeypatch.setattr(training.dcp, "save", save)
+    monkeypatch.setattr(training, "save_optimizer", save)
     args = world["args"] + ["--out-dir", out, "--no-activation-checkpointing", "--save-every", "2"]
     with pytest.raises(RuntimeError, match="simulated crash mid-save"):
         run(args, cwd=world["root"])
@@ -132,7 +140,18 @@ def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
     assert os.path.isdir(os.path.join(ckpt, "query_tokenizer")) and os.path.isdir(os.path.join(ckpt, "optim"))
     with pytest.raises(SystemExit, match="--resume"):  # never silently restart over an existing run
         run(args, cwd=world["root"])
+    # --resume reads tensors and JSON only: a pickle planted where torch.distributed.checkpoint kept
+    # its (pickled) metadata is never opened, so its payload never runs
+    marker = world["root"] / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(os.path.join(ckpt, "optim", ".metadata"), "wb") as f:
+        pickle.dump(Payload(), f)
     run(args + ["--resume"], cwd=world["root"])
+    assert not marker.exists()
     assert losses(out) == losses(baseline)
     wa, wb = final_weights(out), final_weights(baseline)
     assert all(torch.equal(wa[k], wb[k]) for k in wb)

@@ -207,7 +207,7 @@ def test_zoom_world_is_deterministic(tmp_path):
     b = zw.make_world(str(tmp_path / "b"), n_train=6, n_eval=2, seed=5)
     zw.make_world(str(tmp_path / "c"), n_train=6, n_eval=2, seed=6)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
-    assert a["budget"] == b["budget"] == Budget(max_pixels=168 * 168)
+    assert a["budget"] == b["budget"] == Budget(max_pixels=168 * 168, crop_max_pixels=168 * 168)
     assert json.load(open(a["meta"]))["budget"] == dataclasses.asdict(a["budget"])
 
 
