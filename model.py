@@ -111,6 +111,25 @@ def _get(d, key, where, default=...):
     return default
 
 
+def _int(d, key, where, default=...):
+    v = _get(d, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where}: field '{key}' must be an integer, got {v!r}")
+    return v
+
+
+def _rope(d, t, where):
+    """(rope_theta, mrope_section or None): transformers 4.x writes rope_scaling {type, mrope_section}
+    and a top-level rope_theta, 5.x rope_parameters {rope_type, mrope_section, rope_theta}. Both
+    are read; saving writes back the layout the checkpoint came in (cfg.raw)."""
+    rp = t.get("rope_parameters") or d.get("rope_parameters") or {}
+    rs = t.get("rope_scaling") or d.get("rope_scaling") or {}
+    theta = t.get("rope_theta", d.get("rope_theta", rp.get("rope_theta", 1e6)))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ValueError(f"{where}: field 'rope_theta' must be a number, got {theta!r}")
+    return float(theta), rp.get("mrope_section", rs.get("mrope_section"))
+
+
 def read_json(path):
     try:
         with open(path) as f:
@@ -124,14 +143,14 @@ def read_json(path):
 def inquiry_config_from_hf(d, where):
     if d.get("model_type") not in ("qwen3", None):
         raise ValueError(f"{where}: inquiry encoder must be a qwen3 model, got model_type={d.get('model_type')!r}")
-    hidden, heads = _get(d, "hidden_size", where), _get(d, "num_attention_heads", where)
+    hidden, heads = _int(d, "hidden_size", where), _int(d, "num_attention_heads", where)
     return InquiryConfig(
-        vocab_size=_get(d, "vocab_size", where), hidden_size=hidden,
-        intermediate_size=_get(d, "intermediate_size", where),
-        num_hidden_layers=_get(d, "num_hidden_layers", where), num_attention_heads=heads,
-        num_key_value_heads=_get(d, "num_key_value_heads", where, heads),
-        head_dim=_get(d, "head_dim", where, hidden // heads),
-        rms_norm_eps=_get(d, "rms_norm_eps", where, 1e-6), rope_theta=float(_get(d, "rope_theta", where, 1e6)),
+        vocab_size=_int(d, "vocab_size", where), hidden_size=hidden,
+        intermediate_size=_int(d, "intermediate_size", where),
+        num_hidden_layers=_int(d, "num_hidden_layers", where), num_attention_heads=heads,
+        num_key_value_heads=_int(d, "num_key_value_heads", where, heads),
+        head_dim=_int(d, "head_dim", where, hidden // heads),
+        rms_norm_eps=_get(d, "rms_norm_eps", where, 1e-6), rope_theta=_rope(d, d, where)[0],
         max_tokens=int(d.get("max_query_tokens", 50)), raw=dict(d))
 
 
@@ -148,23 +167,24 @@ def config_from_hf(d, embedder=None, where="config.json"):
     if mt not in ("qwen2_5_vl", "vilavt"):
         raise ValueError(f"{where}: model_type must be 'qwen2_5_vl' or 'vilavt', got {mt!r}")
     t = d.get("text_config") or d  # newer transformers nest the LM fields
-    rs = t.get("rope_scaling") or d.get("rope_scaling") or {}
-    if "mrope_section" not in rs:
-        raise ValueError(f"{where}: rope_scaling.mrope_section missing (not a Qwen2.5-VL config?)")
-    heads = _get(t, "num_attention_heads", where)
+    theta, section = _rope(d, t, where)
+    if section is None:
+        raise ValueError(f"{where}: rope_scaling.mrope_section (or rope_parameters.mrope_section) missing "
+                         "(not a Qwen2.5-VL config?)")
+    heads = _int(t, "num_attention_heads", where)
     lm = LMConfig(
-        vocab_size=_get(t, "vocab_size", where), hidden_size=_get(t, "hidden_size", where),
-        intermediate_size=_get(t, "intermediate_size", where), num_hidden_layers=_get(t, "num_hidden_layers", where),
-        num_attention_heads=heads, num_key_value_heads=_get(t, "num_key_value_heads", where, heads),
-        rms_norm_eps=_get(t, "rms_norm_eps", where, 1e-6), rope_theta=float(_get(t, "rope_theta", where, 1e6)),
-        mrope_section=tuple(rs["mrope_section"]),
+        vocab_size=_int(t, "vocab_size", where), hidden_size=_int(t, "hidden_size", where),
+        intermediate_size=_int(t, "intermediate_size", where), num_hidden_layers=_int(t, "num_hidden_layers", where),
+        num_attention_heads=heads, num_key_value_heads=_int(t, "num_key_value_heads", where, heads),
+        rms_norm_eps=_get(t, "rms_norm_eps", where, 1e-6), rope_theta=theta,
+        mrope_section=tuple(section),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
-        image_token_id=_get(d, "image_token_id", where, t.get("image_token_id", 151655)),
+        image_token_id=_int(d, "image_token_id", where, t.get("image_token_id", 151655)),
         initializer_range=t.get("initializer_range", 0.02))
     v = _get(d, "vision_config", where)
     vw = where + ":vision_config"
     full = list(_get(v, "fullatt_block_indexes", vw))
-    depth = _get(v, "depth", vw)
+    depth = _int(v, "depth", vw)
     inquiry = None
     if mt == "vilavt":
         inquiry = inquiry_config_from_hf(_get(d, "text_encoder_config", where), where + ":text_encoder_config")
@@ -184,8 +204,8 @@ def config_from_hf(d, embedder=None, where="config.json"):
     if any(not 0 <= i < depth for i in query + full):
         raise ValueError(f"{vw}: layer index out of range for depth {depth}: full {full}, query-aware {query}")
     vision = VisionConfig(
-        depth=depth, hidden_size=_get(v, "hidden_size", vw), intermediate_size=_get(v, "intermediate_size", vw),
-        num_heads=_get(v, "num_heads", vw), out_hidden_size=_get(v, "out_hidden_size", vw, lm.hidden_size),
+        depth=depth, hidden_size=_int(v, "hidden_size", vw), intermediate_size=_int(v, "intermediate_size", vw),
+        num_heads=_int(v, "num_heads", vw), out_hidden_size=_int(v, "out_hidden_size", vw, lm.hidden_size),
         in_channels=v.get("in_channels", v.get("in_chans", 3)), patch_size=v.get("patch_size", 14),
         temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
         window_size=v.get("window_size", 112), fullatt_block_indexes=tuple(full), query_layers=tuple(query),

@@ -79,6 +79,16 @@ def embedder_dir(tmp_path_factory, tokenizer):
     return d
 
 
+def mm_types(ids, image_token_id):
+    """transformers' Qwen2.5-VL computes M-RoPE positions only when given mm_token_type_ids from
+    5.x on (without them it silently falls back to 1-D positions, the wrong oracle); 4.x has no
+    such argument. Keyword arguments for the reference model, for either."""
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {}
+    return {"mm_token_type_ids": (ids == image_token_id).int()}
+
+
 @pytest.fixture(scope="session")
 def token_ids(tokenizer):
     return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}

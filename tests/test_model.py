@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import encoder
-from model import ViLaVT, config_from_hf, read_json, rope_index
+from model import ViLaVT, config_from_hf, config_to_hf, read_json, rope_index
 
-from conftest import SHARED
+from conftest import SHARED, mm_types
 
 
 
@@ -76,7 +76,7 @@ def vilavt(stock_dir, embedder_dir):
 ], ids=["text", "1img", "3img", "windows"])
 def test_logits_match_transformers(hf, vanilla, token_ids, tokenizer, segments):
     ids, pv, grid = build_inputs(token_ids, len(tokenizer), segments)
-    ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits
+    ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **mm_types(ids, token_ids["<|image_pad|>"])).logits
     ours = vanilla(ids, pv, grid)
     assert (ours - ref).abs().max() <= 1e-4
 
@@ -86,13 +86,13 @@ def test_batched_rows_match_transformers(hf, vanilla, token_ids, tokenizer):
     b, pb, gb = build_inputs(token_ids, len(tokenizer), [1, (2, 6), 1, (2, 2), 5], seed=2)
     assert a.shape == b.shape
     ids, pv, grid = torch.cat([a, b]), torch.cat([pa, pb]), torch.cat([ga, gb])
-    ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits
+    ref = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **mm_types(ids, token_ids["<|image_pad|>"])).logits
     assert (vanilla(ids, pv, grid) - ref).abs().max() <= 1e-4
 
 
 def test_rope_index_matches_transformers(hf, token_ids, tokenizer):
     ids, _, grid = build_inputs(token_ids, len(tokenizer), [3, (4, 6), 2, (8, 8), 4, (2, 10), 5])
-    ref, delta = hf.model.get_rope_index(ids, grid)
+    ref, delta = hf.model.get_rope_index(ids, image_grid_thw=grid, **mm_types(ids, token_ids["<|image_pad|>"]))
     pos, next_pos = rope_index(ids, grid, token_ids["<|image_pad|>"])
     assert torch.equal(pos, ref)
     assert next_pos.tolist() == (delta.flatten() + ids.shape[1]).tolist()
@@ -389,6 +389,28 @@ def test_wrong_config_raises(stock_dir, tmp_path):
     (d / "config.json").write_text('{"model_type": ')
     with pytest.raises(ValueError, match="malformed JSON"):
         ViLaVT.from_pretrained(str(d))
+
+
+def test_config_spellings_of_transformers_4_and_5(stock_dir):
+    """transformers 5.x writes rope_parameters {rope_type, mrope_section, rope_theta} where 4.x
+    wrote rope_scaling and a top-level rope_theta: both load alike, and saving keeps the layout
+    the checkpoint came in. A wrongly typed field is named."""
+    d = read_json(os.path.join(stock_dir, "config.json"))
+    t = d.get("text_config") or d
+    old = config_from_hf(d)
+    five = json.loads(json.dumps(d))
+    t5 = five.get("text_config") or five
+    for x in (five, t5):
+        x.pop("rope_scaling", None)
+        x.pop("rope_theta", None)
+    t5["rope_parameters"] = {"rope_type": "default", "mrope_section": list(old.lm.mrope_section), "rope_theta": 5e5}
+    new = config_from_hf(five)
+    assert new.lm.mrope_section == old.lm.mrope_section and new.lm.rope_theta == 5e5 != old.lm.rope_theta
+    assert "rope_parameters" in json.dumps(config_to_hf(new)) and "rope_scaling" not in json.dumps(config_to_hf(new))
+    bad = json.loads(json.dumps(d))
+    (bad.get("text_config") or bad)["num_hidden_layers"] = str(t["num_hidden_layers"])
+    with pytest.raises(ValueError, match="x.json: field 'num_hidden_layers' must be an integer, got '2'"):
+        config_from_hf(bad, where="x.json")
 
 
 def test_7b_parameter_count():

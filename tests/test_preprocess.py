@@ -42,9 +42,9 @@ SETTINGS = [
 
 
 def hf_preprocess(img, min_pixels, max_pixels, **kw):
-    from transformers import Qwen2VLImageProcessor
-
-    proc = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    import transformers  # the slow (PIL) processor: Qwen2VLImageProcessor in 4.x, ...Pil in 5.x
+    proc_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    proc = proc_cls(min_pixels=min_pixels, max_pixels=max_pixels)
     out = proc(images=[img], return_tensors="pt", **kw)
     return out["pixel_values"], out["image_grid_thw"]
 
