@@ -524,6 +524,8 @@ def read_jsonl(path, skip_bad=False, log=print, **check):
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RecordError(f"{where}: malformed JSON ({e})") from None
+                if isinstance(rec, dict) and isinstance(rec.get("source"), str):  # an imported record
+                    where = f"{rec['source']} (imported as {where})"
                 out.append((where, check_record(rec, where, **check)))
             except RecordError as e:
                 if not skip_bad:

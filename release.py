@@ -27,7 +27,10 @@ def import_release_record(rec, where):
     queries = rec.get("queries", [""] * len(images))
     if len(mapping) != len(images):
         _fail(where, "image_to_query_mapping", f"{len(mapping)} entries for {len(images)} images")
-    out = {"images": [], "question": "", "steps": []}
+    for k, t in enumerate(conv):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            _fail(where, f"conversations[{k}].value", "must be a string (each turn: {from, value})")
+    out = {"images": [], "question": "", "steps": [], "source": where}  # errors later name the release's record
     turns = list(conv)
     off = 0  # conversations[k] in messages counts the system turn
     if turns[0].get("from") == "system":
@@ -36,6 +39,8 @@ def import_release_record(rec, where):
         _fail(where, "conversations", "must start with a human turn (after an optional system turn)")
     user = turns[0]["value"]
     n_orig = user.count("<image>")
+    if n_orig > len(images):
+        _fail(where, "images", f"the first human turn places {n_orig} <image>s but the record has {len(images)} images")
     out["images"], out["prompt"] = images[:n_orig], user
     out["question"] = user.replace("<image>", "").strip()
     next_image, steps = n_orig, []
@@ -56,8 +61,10 @@ def import_release_record(rec, where):
                 _fail(where, f"conversations[{k}]", "a human turn must follow a tool call")
             n = t["value"].count("<image>")
             crops = images[next_image:next_image + n]
+            if len(crops) != n:
+                _fail(where, "images", f"conversations[{k}] places {n} <image>s but only {len(crops)} images are left")
             groups = set(mapping[next_image:next_image + n])
-            if len(crops) != n or len(groups) != 1:
+            if len(groups) != 1:
                 _fail(where, "image_to_query_mapping", f"crops of conversations[{k}] do not form one query group")
             steps[-1]["crops"], steps[-1]["observation"] = crops, t["value"]
             g = groups.pop()
@@ -67,6 +74,8 @@ def import_release_record(rec, where):
             next_image += n
         else:
             _fail(where, f"conversations[{k}].from", f"unknown role {t.get('from')!r}")
+    if next_image != len(images):  # the release's loader would have failed on it; we never drop data silently
+        _fail(where, "images", f"{len(images) - next_image} of {len(images)} images are placed by no <image>")
     out["steps"] = steps
     out["max_tool_calls"] = sum("tool" in s for s in steps[:-1]) if steps else 0
     if "max_pixels" in rec:

@@ -6,6 +6,7 @@ bad records and the release importer.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -379,3 +380,18 @@ def test_import_release_record(tmp_path, ct, tokenizer):
     bad = dict(rec_release, image_to_query_mapping=[0])
     with pytest.raises(RecordError, match="release.json:1: field 'image_to_query_mapping'"):
         release.import_release_record(bad, "release.json:1")
+    # what the release's format can get wrong, each named by field
+    conv = rec_release["conversations"]
+    for bad, field in ((dict(rec_release, images=["orig.png"], image_to_query_mapping=[0]), "images"),  # no crop file
+                       (dict(rec_release, images=["orig.png", "orig_crop0.png", "spare.png"],
+                             image_to_query_mapping=[0, 1, 1]), "images"),  # an image no <image> places
+                       (dict(rec_release, conversations=[conv[0], {"from": "human", "value": ["<image>", "Q"]}]),
+                        "conversations[1].value")):
+        with pytest.raises(RecordError, match=f"release.json:1: field '{re.escape(field)}'"):
+            release.import_release_record(bad, "release.json:1")
+    # an imported record that fails later (its box outside the image) names the release's record
+    broken = release.import_release_record(rec_release, "release.json[7]")
+    broken["steps"][0]["tool"]["region"][0]["bbox_2d"] = [0, 0, 500, 42]
+    path = write_jsonl(tmp_path / "imported.jsonl", [broken])
+    with pytest.raises(RecordError, match=re.escape(f"release.json[7] (imported as {path}:1): field 'steps[0].tool'")):
+        TrajectoryDataset(path, str(tmp_path), ct)[0]
