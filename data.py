@@ -291,8 +291,7 @@ def load_tokenizers(model_dir, embedder_dir=None, need_query=True):
     tokenizer comes from model_dir/query_tokenizer/ (our checkpoints save it there), else from
     the embedder folder; the vanilla model (need_query=False) has no inquiry path and reuses the
     LM tokenizer. transformers is our tokenizer library (its modeling code is never used)."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = _tokenizer(model_dir)
     qdir = os.path.join(model_dir, "query_tokenizer")
     qdir = qdir if os.path.isdir(qdir) else embedder_dir
     if qdir is None:
@@ -300,7 +299,20 @@ def load_tokenizers(model_dir, embedder_dir=None, need_query=True):
             raise FileNotFoundError(f"{model_dir}: no query_tokenizer/ folder and no embedder folder given: pass the "
                                     "Qwen3-Embedding folder (--embedder) for the inquiry tokenizer")
         return tok, tok
-    return tok, AutoTokenizer.from_pretrained(qdir)
+    return tok, _tokenizer(qdir)
+
+
+def _tokenizer(folder):
+    """transformers' AutoTokenizer on a folder that must hold tokenizer.json (the fast tokenizer's
+    one file); any failure to read it is an error naming the folder, not transformers' guess
+    (for a ViLaVT folder without tokenizer files it suggests upgrading transformers)."""
+    from transformers import AutoTokenizer
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (the tokenizer files are missing from this folder)")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001: transformers raises many kinds for a bad file
+        raise ValueError(f"{folder}: unreadable tokenizer files ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 # -----------------------------------------------------------------------------

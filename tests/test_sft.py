@@ -159,6 +159,20 @@ def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
     # a resume past the end (the run is at step 5, --stop-at-step 3) stops at once, changing nothing
     run(args + ["--resume", "--stop-at-step", "3"], cwd=world["root"])
     assert losses(out) == losses(baseline) and os.readlink(os.path.join(out, "latest")) == "step_000005"
+    # a truncated optimizer shard, and tokenizer files missing or unreadable, are named
+    shard = os.path.join(out, "latest", "optim", "rank00000-of-00001.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="step_000005/optim/rank00000-of-00001.safetensors: unreadable optimizer"):
+        run(args + ["--resume"], cwd=world["root"])
+    tok = os.path.join(out, "latest", "tokenizer.json")
+    with open(tok, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="unreadable tokenizer files"):
+        run(args + ["--resume"], cwd=world["root"])
+    os.remove(tok)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        run(args + ["--resume"], cwd=world["root"])
 
 
 def test_resume_takes_the_newest_complete_checkpoint_and_never_overwrites(world, baseline):
