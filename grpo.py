@@ -35,7 +35,7 @@ import data
 import plots
 import reward
 import rollout
-from data import Context
+from data import Context, RecordError
 from model import config_to_hf
 from training import (build_model, dist_setup, dist_teardown, make_optimizer, open_log, print0, resolve_checkpoint,
                       restore, save, start_point, warn)
@@ -116,6 +116,29 @@ def make_prompt(where, rec, image_root, budget):
     imgs = data.load_originals(rec, where, image_root, budget.max_frames)
     t_max = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls")
     return rollout.Prompt(imgs, max_tool_calls=t_max, max_pixels=rec.get("max_pixels"), **data.record_prompt(rec))
+
+
+def make_prompts(records, picks, image_root, budget, skip_bad):
+    """The prompts of records[picks]. A record whose images fail to decode here (its fields and
+    image headers were checked at load) stops the run, or with skip_bad gives its place to the
+    next record and is counted, so every rank keeps its share. Returns (record indices used,
+    prompts, number skipped)."""
+    used, prompts, skipped = [], [], 0
+    for r in picks:
+        for _ in range(len(records)):
+            try:
+                prompts.append(make_prompt(*records[r], image_root, budget))
+                break
+            except RecordError as e:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                warn(f"skipping bad record: {e}")
+                r = (r + 1) % len(records)
+        else:
+            raise SystemExit("--skip-bad: no record of the data loads")
+        used.append(r)
+    return used, prompts, skipped
 
 
 def score(traj, rec):
@@ -388,9 +411,9 @@ def train(args, rank, world, device):
         t0 = time.perf_counter()
         idx = prompt_order(step, P, len(records), args.seed)
         mine = list(range(rank, P, world))  # global prompt numbers of this rank
+        used, prompts, skipped = make_prompts(records, [idx[j] for j in mine], args.image_root, budget, args.skip_bad)
         # each prompt's samples are seeded by its global number in the run, not by the rank that rolls it out
-        prompts = [dataclasses.replace(make_prompt(*records[idx[j]], args.image_root, budget),
-                                       seed=args.seed * 1_000_003 + step * P + j) for j in mine]
+        prompts = [dataclasses.replace(p, seed=args.seed * 1_000_003 + step * P + j) for p, j in zip(prompts, mine)]
         model.eval()
         unsharded(model, True)
         sampling = rollout.Sampling(args.temperature, args.top_p)
@@ -401,7 +424,7 @@ def train(args, rank, world, device):
         t1 = time.perf_counter()
 
         # ---- 2-4. scores; rewards of every group gathered over ranks; advantages
-        scores = [score(t, records[idx[mine[i // G]]][1]) for i, t in enumerate(trajs)]
+        scores = [score(t, records[used[i // G]][1]) for i, t in enumerate(trajs)]
         adv = gathered_advantages([s["reward"] for s in scores], mine, P, G, device)
 
         # (--bench: first the same learner one trajectory per forward, timed for the comparison)
@@ -430,15 +453,15 @@ def train(args, rank, world, device):
         vec = torch.tensor([len(trajs), sum(s["reward"] for s in scores), sum(s["correct"] for s in scores),
                             sum(s["format"] for s in scores), sum(s["correct"] == 1 for s in scores), gen,
                             sum(t.n_tool_calls for t in trajs), sum(t.n_invalid for t in trajs), st["loss"],
-                            st["clip"], st["kl"], st["tokens"], ent, seen], dtype=torch.float64, device=device)
+                            st["clip"], st["kl"], st["tokens"], ent, seen, skipped], dtype=torch.float64, device=device)
         dist.all_reduce(vec)
-        (n, rew, cor, fmt, acc, gen, tools, inval, loss, clip, kl, toks, ent, seen) = vec.tolist()
+        (n, rew, cor, fmt, acc, gen, tools, inval, loss, clip, kl, toks, ent, seen, skipped) = vec.tolist()
         rec = dict(step=step, reward=rew / n, correct=cor / n, format=fmt / n, accuracy=acc / n,
                    response_len=gen / n, tool_calls=tools / n, invalid_rate=inval / max(1, tools),
                    loss=loss / max(1, st["steps"]), clip_frac=clip / max(1, toks), approx_kl=kl / max(1, toks),
                    entropy=ent / max(1, gen), grad_norm=st["grad_norm"] / max(1, st["steps"]),
                    rollout_tok_s=gen / (t1 - t0), update_tok_s=seen / (t3 - t2),
-                   rollout_s=t1 - t0, old_logp_s=t2 - t1 - sum(per_traj), update_s=t3 - t2)
+                   rollout_s=t1 - t0, old_logp_s=t2 - t1 - sum(per_traj), update_s=t3 - t2, skipped=int(skipped))
         if log is not None:
             log.write(json.dumps(rec) + "\n")
             log.flush()

@@ -318,3 +318,30 @@ def test_prompt_order_is_one_permutation_per_epoch():
     seq = [i for step in range(5) for i in prompt_order(step, 2, 5, seed=0)]
     assert sorted(seq[:5]) == sorted(seq[5:]) == list(range(5)), seq
     assert prompt_order(3, 2, 5, seed=0) == seq[6:8] and prompt_order(3, 2, 5, seed=1) != seq[6:8]
+
+
+def test_a_record_whose_pixels_fail_mid_run_is_skipped_or_stops(tmp_path, tokenizer):
+    """An image whose header reads (so the load passes) but whose pixels are cut off: GRPO stops
+    naming file:line and the field, or with --skip-bad gives its place to the next record and
+    counts it (it once ignored --skip-bad and crashed mid-run)."""
+    import grpo
+    import zoom_world
+    from data import RecordError
+    model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
+    zoom = zoom_world.make_world(str(tmp_path / "zoom"), n_train=4, n_eval=1, seed=1)
+    first = json.loads(open(zoom["train"]).readline())
+    img = tmp_path / "zoom" / first["images"][0]
+    blob = img.read_bytes()
+    img.write_bytes(blob[:len(blob) // 2])  # the PNG header survives, the pixel data does not
+    common = ["--model", model_dir, "--data", zoom["train"], "--steps", "1", "--prompts-per-step", "4",
+              "--group-size", "2", "--max-turn-tokens", "4", "--max-new-tokens", "8", "--max-context", "2048",
+              "--lr", "1e-3", "--dump-every", "0"]
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RecordError, match=f"{zoom['train']}:1: field 'images'"):
+            grpo.main(common + ["--out-dir", str(tmp_path / "stop")])
+        grpo.main(common + ["--out-dir", str(tmp_path / "skip"), "--skip-bad"])
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = grpo_log(tmp_path / "skip")
+    assert row["skipped"] == 1
