@@ -42,6 +42,7 @@ from eval import final_answer, load_bench, read_results, results_files, score_an
 from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
 from reward import format_ok
+from training import latest_checkpoint  # the scripts' checkpoint layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -650,12 +651,6 @@ COLUMNS = (("accuracy", "Acc (MC)"), ("mra", "MRA (num.)"), ("score", "All"), ("
 # the driver
 
 
-def latest(run_dir):
-    """The step folder run_dir/latest points to (the scripts' checkpoint layout), or None."""
-    p = os.path.join(run_dir, "latest")
-    return os.path.realpath(p) if os.path.isdir(p) else None
-
-
 def run(script, *flags):
     """Run `python script flags...` in this folder, printed first as a user would type it."""
     script = os.path.join(HERE, script)
@@ -679,7 +674,7 @@ def make_data(zoom, world):
 def train(script, model, data, out_dir, flags):
     """One training stage: skipped when out_dir's checkpoint is final and newer than the model and
     the data it started from; continued with --resume when cut short; redone when stale."""
-    ckpt, t = latest(out_dir), os.path.getmtime
+    ckpt, t = latest_checkpoint(out_dir), os.path.getmtime
     if ckpt is not None and t(os.path.join(ckpt, "meta.json")) < max(t(os.path.join(model, "config.json")), t(data)):
         print(f"{out_dir}: older than its input, redone")
         shutil.rmtree(out_dir)
@@ -726,10 +721,11 @@ def main(argv=None):
     bench, demo = os.path.join(zoom, "eval.jsonl"), os.path.join(root, "demo")
     questions, rows = load_bench(bench), []
     for row, stage, flags in ROWS:
-        ckpt, out = latest(os.path.join(root, stage)), os.path.join(demo, row + ".jsonl")
+        ckpt, out = latest_checkpoint(os.path.join(root, stage)), os.path.join(demo, row + ".jsonl")
         evaluate(ckpt, bench, out, flags + " " + preset["eval"], len(questions))
-        rows.append(dict(name=row, **demo_metrics(questions, read_results(results_files(out))[0]), checkpoint=ckpt,
-                         mode=flags.split()[1], inquiry="--no-inquiry" not in flags, decoding="greedy"))
+        rows.append(dict(name=row, **demo_metrics(questions, read_results(results_files(out))[0]),
+                         checkpoint=os.path.abspath(ckpt), mode=flags.split()[1], inquiry="--no-inquiry" not in flags,
+                         decoding="greedy"))
     times["eval"] = time.time() - t
     atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
     atomic_write(os.path.join(demo, "results.md"), demo_table(rows))
