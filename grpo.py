@@ -100,8 +100,10 @@ def prompt_order(step, P, n, seed):
     """The records of step `step`: global prompt position p = step * P + j is record
     perm_e[p % n] of epoch e = p // n, a seeded permutation per epoch (as sft.py's data order),
     so a step that straddles an epoch boundary takes the next epoch's first records."""
-    perm = lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))  # noqa: E731
-    return [int(perm(p // n)[p % n]) for p in range(step * P, step * P + P)]
+    positions = range(step * P, step * P + P)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+             for e in {p // n for p in positions}}  # one permutation per epoch the step touches, not per prompt
+    return [int(perms[p // n][p % n]) for p in positions]
 
 
 def load_prompts(path, image_root, skip_bad):
