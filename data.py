@@ -446,6 +446,13 @@ def image_paths(rec, max_frames=32):
     return rec["images"]
 
 
+def max_pixels_error(mp):
+    """Why a record's max_pixels cannot be used (None if absent or fine): records and benchmarks alike."""
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < MIN_PIXELS):
+        return f"must be an int >= {MIN_PIXELS} (pixels per original image), got {mp!r}"
+    return None
+
+
 def check_record(rec, where, image_root=None, need_steps=False, need_answer=True):
     """Validate a record's schema (and that its image files exist). Raises RecordError."""
     if not isinstance(rec, dict):
@@ -473,9 +480,8 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
             _fail(where, "answer", f"the reward cannot score it: {e}")
     if rec.get("mode", "chat") not in ("chat", "direct"):
         _fail(where, "mode", f"{rec['mode']!r} is not 'chat' or 'direct'")
-    mp = rec.get("max_pixels")
-    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < MIN_PIXELS):
-        _fail(where, "max_pixels", f"must be an int >= {MIN_PIXELS} (pixels per original image), got {mp!r}")
+    if max_pixels_error(rec.get("max_pixels")):
+        _fail(where, "max_pixels", max_pixels_error(rec["max_pixels"]))
     mt = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls", 5)
     if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
         _fail(where, "max_tool_calls", f"must be a non-negative int, got {mt!r}")

@@ -187,8 +187,8 @@ def normalize(rec, index, max_frames=32):
     if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 0):
         raise ValueError(f"field 'max_tool_calls': {mt!r} is not a non-negative int")
     mp = rec.get("max_pixels")
-    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < MIN_PIXELS):
-        raise ValueError(f"field 'max_pixels': {mp!r} is not an int >= {MIN_PIXELS}")
+    if data.max_pixels_error(mp):
+        raise ValueError(f"field 'max_pixels': {data.max_pixels_error(mp)}")
     return dict(qid=question_id(rec, index), images=images, question=question, options=options, kind=kind,
                 answer=answer, gold_letter=gold_letter, meta=rec, max_tool_calls=mt, max_pixels=mp)
 
