@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from pixels import (MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, budget_per_image, crop_image, display_size,
-                    image_size, load_image, map_bbox, n_visual_tokens, preprocess_image)
+from pixels import (MIN_PIXELS, TOTAL_VISUAL_TOKENS, budget_per_crop, budget_per_image, crop_geometry, crop_image,
+                    display_of, display_size, image_size, load_image, map_bbox, n_visual_tokens, preprocess_image)
 from reward import MAX_ASPECT, MAX_IMAGES, answer_correct, problem_kind, validate_tool_call
 
 # -----------------------------------------------------------------------------
@@ -355,11 +355,17 @@ class Context:
 
     @classmethod
     def of(cls, originals, budget, max_pixels=None):
-        """The images of a trajectory under the one sizing rule of SFT, GRPO and eval: a record's
-        own max_pixels caps every image of it, originals and crops (as the release's SFT capped
-        every image of a record); otherwise the budget's shares (SPEC 3)."""
-        return cls(originals, max_pixels or budget.for_originals(len(originals)),
-                   min(budget.for_crops(), max_pixels) if max_pixels else budget.for_crops(), budget.min_pixels)
+        """The images of a trajectory under the one sizing rule of SFT, GRPO and eval (caps)."""
+        return cls(originals, *cls.caps(len(originals), budget, max_pixels))
+
+    @staticmethod
+    def caps(n_originals, budget, max_pixels=None):
+        """(max_pixels of each original, max_pixels of each crop, min_pixels) of a trajectory: a
+        record's own max_pixels caps every image of it, originals and crops (as the release's SFT
+        capped every image of a record); otherwise the budget's shares (SPEC 3). Context.of and
+        the load-time box check (gold_displays) size images by it."""
+        return (max_pixels or budget.for_originals(n_originals),
+                min(budget.for_crops(), max_pixels) if max_pixels else budget.for_crops(), budget.min_pixels)
 
     def zoom(self, call, crop_files=None):
         """Apply a (validated) tool call: one new group holding its crops, encoded with its
@@ -453,8 +459,30 @@ def max_pixels_error(mp):
     return None
 
 
-def check_record(rec, where, image_root=None, need_steps=False, need_answer=True):
-    """Validate a record's schema (and that its image files exist). Raises RecordError."""
+def prompt_error(rec, n_images, question=None):
+    """(field, reason) if the record's own prompt cannot be rendered for its n_images originals
+    (a `system` or `prompt` that is no string; '<image>' placeholders of its `prompt`, or of a
+    question that places its images, that do not match them), else None. It renders the prompt
+    (record_prompt and prompt_parts, the rule SFT, GRPO and eval read records by; text only, the
+    sizes are dummies), so it is the check the first rendering would make, done at load.
+    question: as record_prompt's (eval asks its own rendering of the question)."""
+    for k in ("system", "prompt"):
+        if k in rec and not isinstance(rec[k], str):
+            return k, "must be a string"
+    try:
+        prompt_parts([(0, 0)] * n_images, **record_prompt(rec, question=question))
+    except ValueError as e:
+        return ("prompt" if "prompt" in rec else "question"), str(e)
+    return None
+
+
+def check_record(rec, where, image_root=None, need_steps=False, need_answer=True, budget=None):
+    """Validate a record's fields: its schema, its prompt's '<image>' placeholders, and with
+    image_root its image files' headers (exist, readable, aspect). Raises RecordError naming
+    the field. budget: the budget its gold steps will be rendered under (SFT); given with
+    image_root, every gold tool call is judged now as rendering will judge it (gold_displays),
+    so only the pixel decoding is left for later. GRPO and eval, which never render the gold
+    steps, do not judge their boxes (their own budget need not be the one they were drawn for)."""
     if not isinstance(rec, dict):
         _fail(where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
     key = "video" if "video" in rec else "images"
@@ -494,6 +522,10 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
                 _fail(where, key, str(e))
             if max(w, h) > MAX_ASPECT * min(w, h):
                 _fail(where, key, f"{f} is {w}x{h}: aspect ratio above {MAX_ASPECT}, the encoder cannot take it")
+    max_frames = (budget or Budget()).max_frames
+    bad_prompt = prompt_error(rec, len(image_paths(rec, max_frames)))
+    if bad_prompt:
+        _fail(where, *bad_prompt)
     steps = rec.get("steps")
     if need_steps or steps is not None:
         if not isinstance(steps, list) or not steps:
@@ -504,6 +536,8 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
             last = k == len(steps) - 1
             if not isinstance(s, dict):
                 _fail(where, f, "must be an object")
+            if "text" in s and not isinstance(s["text"], str):
+                _fail(where, f + ".text", "must be a string")
             if "text" not in s and not isinstance(s.get("think"), str):
                 _fail(where, f + ".think", "must be a string")
             if last and "answer" not in s:
@@ -521,11 +555,59 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
                 if n_images > MAX_IMAGES:  # the rollout's cap: SFT does not train what a rollout refuses
                     _fail(where, f + ".tool.region", f"too many images: at most {MAX_IMAGES} visual inputs per "
                                                      "conversation, as in the rollout")
+                crops = s.get("crops")  # pre-made crop files (imported release records), one per region
+                if "crops" in s and not (isinstance(crops, list) and len(crops) == len(t["region"])
+                                         and all(isinstance(c, str) for c in crops)):
+                    _fail(where, f + ".crops", f"must be a list of {len(t['region'])} paths, one per region")
+                if "observation" in s:  # the release's verbatim observation: one <image> per crop
+                    if not isinstance(s["observation"], str):
+                        _fail(where, f + ".observation", "must be a string")
+                    try:
+                        _placeholders(s["observation"], len(t["region"]), "observation")
+                    except ValueError as e:
+                        _fail(where, f + ".observation", str(e))
             elif isinstance(s.get("answer"), bool) or not isinstance(s.get("answer"), (str, int, float)):
                 _fail(where, f + ".answer", f"must be a string or a number, got {s.get('answer')!r}")
         if len(steps) - 1 > mt:
             _fail(where, "steps", f"{len(steps) - 1} tool calls exceed max_tool_calls={mt}")
+        if budget is not None and image_root is not None:
+            gold_displays(rec, where, image_root, budget)
     return rec
+
+
+def gold_displays(rec, where, image_root, budget):
+    """The display sizes (W, H) of every image of a gold trajectory, originals then crops, from
+    the files' headers and the crop rule's geometry alone (no pixel is decoded), with each gold
+    tool call judged on the way as render_sample and the rollout judge it
+    (reward.validate_tool_call against the sizes of the images it may name). So a bad box on
+    line 10 stops SFT at load, naming file:line and the field, not at the step that renders it.
+    Sizes follow Context: Context.caps for the budgets, pixels.display_of (preprocess_image's
+    resize) for every image, pixels.crop_geometry (crop_image's rule) for the crops cut on the
+    fly, the header of a pre-made crop file. The record's schema must have been checked."""
+    originals = [image_size(os.path.join(image_root, p)) for p in image_paths(rec, budget.max_frames)]
+    orig_max, crop_max, min_pixels = Context.caps(len(originals), budget, rec.get("max_pixels"))
+    views = [(i, (0.0, 0.0, 1.0, 1.0), display_of(size, min_pixels, orig_max)) for i, size in enumerate(originals)]
+    for k, s in enumerate(rec["steps"][:-1]):  # the last step's answer makes no call
+        error = validate_tool_call(s["tool"], [v[2] for v in views])
+        if error is not None:
+            _fail(where, f"steps[{k}].tool", error)
+        new = []
+        for j, r in enumerate(s["tool"]["region"]):
+            source, region, display = views[r["index"]]
+            if "crops" in s:  # its pre-made file is what gets encoded: that file's size
+                try:
+                    size = display_of(image_size(os.path.join(image_root, s["crops"][j])), min_pixels, crop_max)
+                except (OSError, ValueError) as e:
+                    _fail(where, f"steps[{k}].crops", str(e))
+                new.append((source, map_bbox(region, display, r["bbox_2d"]), size))
+                continue
+            try:
+                crop_region, size = crop_geometry(originals[source], region, display, r["bbox_2d"])
+                new.append((source, crop_region, display_of(size, min_pixels, crop_max)))
+            except ValueError as e:
+                _fail(where, f"steps[{k}].tool", str(e))
+        views += new
+    return [v[2] for v in views]
 
 
 def read_jsonl(path, skip_bad=False, log=print, **check):
@@ -620,12 +702,14 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
 
 
 class TrajectoryDataset:
-    """Gold trajectories of a JSONL file, rendered on access (crops are cut on the fly)."""
+    """Gold trajectories of a JSONL file, checked whole at construction (fields, image headers,
+    every gold box against the sizes it will be judged on: check_record with the budget), and
+    rendered on access, when the pixels are decoded and the crops cut."""
 
     def __init__(self, path, image_root, ct, budget=Budget(), skip_bad=False, log=print):
         self.image_root, self.ct, self.budget, self.skip_bad, self.log = image_root, ct, budget, skip_bad, log
         self.records, self.n_bad = read_jsonl(path, skip_bad, log, image_root=image_root, need_steps=True,
-                                              need_answer=False)
+                                              need_answer=False, budget=budget)
         if not self.records:
             raise RecordError(f"{path}: no usable records")
 
@@ -633,7 +717,8 @@ class TrajectoryDataset:
         return len(self.records)
 
     def __getitem__(self, i):
-        """The rendered sample, or None for a bad one when skip_bad (counted in n_bad)."""
+        """The rendered sample, or None for a bad one when skip_bad (counted in n_bad): after the
+        checks at load, only pixels that fail to decode can make a record bad here."""
         where, rec = self.records[i]
         try:
             return render_sample(rec, where, self.image_root, self.ct, self.budget)
@@ -694,7 +779,7 @@ def show_record(path, index, image_root, ct, out_dir, budget=Budget()):
     out_dir/images.txt and out_dir/image_K.png for every image K of the trajectory at the size
     the encoder gets it (originals at their display size, crops cut by the crop rule).
     Returns (text, one line per image, sequence length, trained tokens)."""
-    rows, _ = read_jsonl(path, image_root=image_root, need_steps=True, need_answer=False)
+    rows, _ = read_jsonl(path, image_root=image_root, need_steps=True, need_answer=False, budget=budget)
     where, rec = rows[index]
     s = render_sample(rec, where, image_root, ct, budget)
     ctx = s["context"]

@@ -166,6 +166,9 @@ def normalize(rec, index, max_frames=32):
     if n_ph and n_ph != len(images):
         raise ValueError(f"question has {n_ph} <image> placeholders for {len(images)} images")
     options = parse_list(rec.get("options"), "options")
+    bad_prompt = data.prompt_error(rec, len(images), question=question)  # our records' own user turn, at load
+    if bad_prompt:
+        raise ValueError("field '{}': {}".format(*bad_prompt))
     if "problem_type" not in rec:
         raise ValueError("field 'problem_type': missing")
     kind = problem_kind(rec["problem_type"])  # one of reward.PROBLEM_TYPES

@@ -69,6 +69,16 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     return h_bar, w_bar
 
 
+def display_of(size, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(W, H) at which an image of pixel size (W, H) is shown to the model: the size of
+    smart_resize's grid, which preprocess_image gives too (display_size of its grid_thw), from the
+    size alone, so records are checked at load without decoding a pixel. Raises ValueError as
+    smart_resize does (an aspect ratio above MAX_ASPECT)."""
+    w, h = size
+    h_bar, w_bar = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+    return w_bar, h_bar
+
+
 def image_size(path):
     """(W, H) of an image file from its header alone, no pixel decoding: records are checked at
     load with it. Errors as load_image's, naming the path."""
@@ -125,8 +135,7 @@ def preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """
     if img.mode != "RGB":
         img = img.convert("RGB")
-    width, height = img.size
-    h, w = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    w, h = display_of(img.size, min_pixels, max_pixels)  # smart_resize's size: the one the header check predicts
     img = img.resize((w, h), resample=Image.Resampling.BICUBIC)  # transformers: PIL resize, reducing_gap=None
     x = np.asarray(img)  # (h, w, 3) uint8
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)  # transformers' rescale()
@@ -249,6 +258,23 @@ def crop_size(original_size, parent_region, parent_display, region):
     return max(1, round(nw * OW * scale)), max(1, round(nh * OH * scale))
 
 
+def crop_geometry(original_size, parent_region, parent_display, bbox):
+    """
+    The geometry of a zoom-in, from sizes alone: (its normalised region in the original, the
+    (w, h) its crop is resized to). crop_image cuts the pixels to exactly this, and records are
+    checked at load with it (the sizes of crops that later tool calls draw boxes on), so the
+    crop rule has one implementation. Raises ValueError (naming the bbox) for an invalid bbox,
+    or when the crop would be more elongated than smart_resize accepts (aspect > 200).
+    """
+    region = map_bbox(parent_region, parent_display, bbox)
+    w, h = crop_size(original_size, parent_region, parent_display, region)
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(
+            f"bbox {list(bbox)} gives a {w}x{h} crop, aspect ratio above {MAX_ASPECT}: too thin to encode"
+        )
+    return region, (w, h)
+
+
 def crop_image(original, parent_region, parent_display, bbox):
     """
     Cut a zoom-in crop for a tool call: (crop PIL image, its normalised region).
@@ -257,9 +283,9 @@ def crop_image(original, parent_region, parent_display, bbox):
     parent_region / parent_display: the region and display size of the image the bbox was
     drawn on (an original or an earlier crop); bbox: [x1, y1, x2, y2] in its display pixels.
 
-    The bbox is mapped to the original (map_bbox), and the original is cropped at those
-    sub-pixel coordinates and resized with LANCZOS in one step (PIL `resize(box=...)`), to
-    crop_size(). Resampling from the original rather than the parent keeps all the detail
+    The bbox is mapped to the original (crop_geometry: map_bbox, crop_size), and the original is
+    cropped at those sub-pixel coordinates and resized with LANCZOS in one step (PIL
+    `resize(box=...)`), to crop_size(). Resampling from the original rather than the parent keeps all the detail
     the file has, for crops of crops too.
 
     The caller then runs the crop through preprocess_image(crop, max_pixels=budget_per_crop())
@@ -267,13 +293,8 @@ def crop_image(original, parent_region, parent_display, bbox):
     ValueError (naming the bbox) for an invalid bbox, or when the crop would be more
     elongated than smart_resize accepts (aspect > 200), so the rollout can report it.
     """
-    region = map_bbox(parent_region, parent_display, bbox)
     OW, OH = original.size
-    w, h = crop_size((OW, OH), parent_region, parent_display, region)
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise ValueError(
-            f"bbox {list(bbox)} gives a {w}x{h} crop, aspect ratio above {MAX_ASPECT}: too thin to encode"
-        )
+    region, (w, h) = crop_geometry((OW, OH), parent_region, parent_display, bbox)
     x1, y1, x2, y2 = region
     box = (x1 * OW, y1 * OH, x2 * OW, y2 * OH)
     crop = original.resize((w, h), resample=Image.Resampling.LANCZOS, box=box)

@@ -283,24 +283,73 @@ def test_bad_record_at_load(bad_root, ct, line, field):
     assert ds[0] is not None
 
 
-@pytest.mark.parametrize("rec, field", [
-    (good(steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 113, 42]}], "query": "q"}},
-                 {"think": "t", "answer": "1"}]), "steps[0].tool"),  # box outside the 112x84 image
-    (good(steps=[{"think": "t", "tool": {"region": [{"index": 1, "bbox_2d": [0, 0, 5, 5]}], "query": "q"}},
-                 {"think": "t", "answer": "1"}]), "steps[0].tool"),  # index of an image that does not exist
-    (good(steps=[{"think": "t", "tool": {"region": [{"index": 0, "bbox_2d": [0, 0, 0.2, 42]}], "query": "q"}},
-                 {"think": "t", "answer": "1"}]), "steps[0].tool"),  # 0.2 x 42: too thin, as the rollout says
+def tool_step(*regions, **kw):
+    """A gold tool-call step naming `regions` ((index, bbox_2d) pairs)."""
+    return dict({"think": "t", "tool": {"region": [{"index": i, "bbox_2d": b} for i, b in regions], "query": "q"}},
+                **kw)
+
+
+ANSWER = {"think": "t", "answer": "1"}
+
+
+@pytest.mark.parametrize("rec, field, budget", [
+    # ok.png is 112x84 and displayed so under the default budget
+    (good(steps=[tool_step((0, [0, 0, 113, 42])), ANSWER]), "steps[0].tool", Budget()),  # outside the image
+    (good(steps=[tool_step((1, [0, 0, 5, 5])), ANSWER]), "steps[0].tool", Budget()),  # no image 1
+    (good(steps=[tool_step((0, [0, 0, 0.2, 42])), ANSWER]), "steps[0].tool", Budget()),  # too thin, as the rollout says
+    # the crop of [0, 0, 28, 42] is cut at 56x84 (twice its displayed size): [0, 0, 60, 42] fits the
+    # original but not that crop, so the crop's size comes from the crop rule, not from its parent
+    (good(steps=[tool_step((0, [0, 0, 28, 42])), tool_step((1, [0, 0, 60, 42])), ANSWER]), "steps[1].tool", Budget()),
+    # the same box is judged against the display of the run's budget: 56x56 at max_pixels 4,704
+    (good(steps=[tool_step((0, [0, 0, 112, 84])), ANSWER]), "steps[0].tool", Budget(max_pixels=56 * 84)),
+    # and a record's own max_pixels
+    (good(max_pixels=56 * 84, steps=[tool_step((0, [0, 0, 112, 84])), ANSWER]), "steps[0].tool", Budget()),
+    # pre-made crop files: missing, too thin to encode, one per region
+    (good(steps=[tool_step((0, [0, 0, 56, 42]), crops=["nope.png"]), ANSWER]), "steps[0].crops", Budget()),
+    (good(steps=[tool_step((0, [0, 0, 56, 42]), crops=["thin.png"]), ANSWER]), "steps[0].crops", Budget()),
+    (good(steps=[tool_step((0, [0, 0, 56, 42]), crops=["ok.png", "ok.png"]), ANSWER]), "steps[0].crops", Budget()),
+    # a box on a pre-made crop file is judged against that file's size (ok.png: 112x84)
+    (good(steps=[tool_step((0, [0, 0, 56, 42]), crops=["ok.png"]), tool_step((1, [0, 0, 113, 84])), ANSWER]),
+     "steps[1].tool", Budget()),
+    # text fields the render would stop on: '<image>' placeholders that do not match the images
+    (good(steps=[tool_step((0, [0, 0, 56, 42]), observation="<image><image>"), ANSWER]), "steps[0].observation",
+     Budget()),
+    (good(prompt="<image><image> q?"), "prompt", Budget()),
+    (good(question="<image> and <image>: q?"), "question", Budget()),
+    (good(prompt=["<image>", "q?"]), "prompt", Budget()),
 ])
-def test_bad_record_at_render(bad_root, ct, rec, field):
-    path = write_jsonl(bad_root / "d.jsonl", [good(), rec])
-    ds = TrajectoryDataset(path, str(bad_root), ct)
-    assert ds[0] is not None
+def test_bad_box_or_text_at_load(bad_root, ct, rec, field, budget):
+    """Issue 14, item 13: everything but the pixels is checked when the dataset is built, the gold
+    boxes against the display sizes the render will judge them on (from the file headers and the
+    crop rule's geometry), so a bad line 3 stops SFT before its first step, not at the step that
+    first renders it; with skip_bad it is skipped and counted there."""
+    path = write_jsonl(bad_root / "d.jsonl", [good(), good(), rec])
     with pytest.raises(RecordError) as e:
-        ds[1]
-    assert f"{path}:2" in str(e.value) and f"field '{field}'" in str(e.value)
+        TrajectoryDataset(path, str(bad_root), ct, budget)
+    assert f"{path}:3: field '{field}'" in str(e.value)
     logged = []
-    ds = TrajectoryDataset(path, str(bad_root), ct, skip_bad=True, log=logged.append)
-    assert ds[1] is None and ds.n_bad == 1 and f"{path}:2" in logged[0]
+    ds = TrajectoryDataset(path, str(bad_root), ct, budget, skip_bad=True, log=logged.append)
+    assert len(ds) == 2 and ds.n_bad == 1 and f"{path}:3" in logged[0]
+    assert ds[0] is not None and ds[1] is not None and ds.n_bad == 1
+
+
+def test_load_time_sizes_are_the_rendered_ones(zoom_world, bad_root, ct):
+    """gold_displays (headers + crop geometry, no pixels) gives every image of a trajectory the
+    display size render_sample gives it from the pixels: originals, crops of several images in
+    one call, crops of crops (the zoom world's), pre-made crop files, a record's own max_pixels."""
+    recs = [(zoom_world["image_root"], zoom_world["budget"], rec) for _, rec in data.read_jsonl(zoom_world["train"])[0]
+            if rec.get("mode", "chat") == "chat"]
+    assert any(s["tool"]["region"][0]["index"] > 0 for _, _, r in recs for s in r["steps"][1:-1])  # a crop of a crop
+    save(Image.new("RGB", (140, 84)), str(bad_root / "crop.png"))
+    recs += [(str(bad_root), Budget(), good(steps=[tool_step((0, [0, 0, 28, 42])), tool_step((1, [0, 0, 56, 84])),
+                                                   ANSWER])),
+             (str(bad_root), Budget(), good(max_pixels=56 * 56, steps=[tool_step((0, [0, 0, 28, 28])), ANSWER])),
+             (str(bad_root), Budget(), good(steps=[tool_step((0, [0, 0, 56, 42]), crops=["crop.png"]),
+                                                   tool_step((1, [0, 0, 140, 84])), ANSWER]))]
+    for root, budget, rec in recs:
+        data.check_record(rec, "r", root, need_steps=True, need_answer=False, budget=budget)
+        rendered = render_sample(rec, "r", root, ct, budget)["context"].views
+        assert data.gold_displays(rec, "r", root, budget) == [v.display for v in rendered]
 
 
 @pytest.mark.parametrize("gold, ptype", [("about 5", "numerical"), ("Apple", "multiple choice")])

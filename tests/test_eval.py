@@ -130,6 +130,9 @@ def test_record_formats_and_literals():
                      (dict(question="Q", answer="E?", problem_type="multiple choice", images=["x"]), "letter"),
                      (dict(question="Q", answer="ten", problem_type="numerical", images=["x"]), "not a number"),
                      (dict(question="<image><image>Q", answer="A", problem_type="mc", images=["x"]), "placeholders"),
+                     # a JSONL record's own user turn is rendered at load, not at its rollout (issue 14, item 13)
+                     (dict(question="Q", prompt="<image><image>Q", answer="A", problem_type="mc", images=["x"]),
+                      "field 'prompt': user prompt has 2 <image> placeholders for 1 images"),
                      (dict(question="Q", answer="A", problem_type="essay", images=["x"]), "problem_type")]:
         with pytest.raises(ValueError, match=msg):
             E.normalize(bad, 0)

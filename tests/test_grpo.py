@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -345,3 +346,20 @@ def test_a_record_whose_pixels_fail_mid_run_is_skipped_or_stops(tmp_path, tokeni
         torch.set_num_threads(threads)
     (row,) = grpo_log(tmp_path / "skip")
     assert row["skipped"] == 1
+
+
+def test_a_prompt_that_cannot_render_is_refused_at_load(tmp_path):
+    """A record whose own user turn places more '<image>'s than it has images loaded fine and
+    stopped GRPO in its rollout, mid-run, with a bare ValueError (issue 14, item 13): it is
+    refused at load naming file:line and the field, or with --skip-bad skipped and counted."""
+    import grpo
+    from PIL import Image
+    from data import RecordError
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    good = dict(images=["a.png"], question="How many?", problem_type="numerical", answer="3")
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, dict(good, prompt="<image><image> How many?"))))
+    with pytest.raises(RecordError, match=re.escape(f"{path}:2: field 'prompt'")):
+        grpo.load_prompts(str(path), str(tmp_path), skip_bad=False)
+    recs, n_bad = grpo.load_prompts(str(path), str(tmp_path), skip_bad=True)
+    assert [w for w, _ in recs] == [f"{path}:1"] and n_bad == 1

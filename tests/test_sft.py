@@ -6,6 +6,7 @@ sft.main in this process (same code path as `python sft.py`, without the interpr
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -195,6 +196,28 @@ def test_resume_takes_the_newest_complete_checkpoint_and_never_overwrites(world,
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         run(args + ["--resume"], cwd=world["root"])
     assert len(losses(out)) == STEPS  # the log is untouched
+
+
+def test_a_bad_box_on_line_3_stops_sft_before_any_step(world, tmp_path, monkeypatch, capsys):
+    """Issue 14, item 13: a gold box outside its image on line 3 once surfaced only when that
+    sample was rendered, mid-run (after a checkpoint, on a real run). Now sft.py stops when its
+    dataset is built, naming file:3 and the field, and renders nothing; --skip-bad counts it."""
+    import data
+    with open(world["train"]) as f:
+        recs = [json.loads(line) for line in f if len(json.loads(line)["steps"]) > 1][:4]
+    recs[2]["steps"][0]["tool"]["region"][0]["bbox_2d"] = [0, 0, 5000, 10]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["--model", world["base"], "--data", bad, "--image-root", os.path.dirname(world["train"]),
+            "--global-batch", "2", "--max-steps", "1", "--num-workers", "0"]
+    rendered = data.TrajectoryDataset.__getitem__
+    monkeypatch.setattr(data.TrajectoryDataset, "__getitem__", lambda *a: pytest.fail("a sample was rendered"))
+    with pytest.raises(data.RecordError, match=re.escape(f"{bad}:3: field 'steps[0].tool'")):
+        run(args + ["--out-dir", tmp_path / "stop"], cwd=tmp_path)
+    assert not os.path.exists(tmp_path / "stop" / "log.jsonl")
+    monkeypatch.setattr(data.TrajectoryDataset, "__getitem__", rendered)
+    run(args + ["--out-dir", tmp_path / "skip", "--skip-bad"], cwd=tmp_path)
+    assert "3 samples (1 bad)" in capsys.readouterr().out and len(losses(str(tmp_path / "skip"))) == 1
 
 
 def test_import_release_trains(world, tmp_path):
