@@ -1,6 +1,8 @@
 """
-Pixels: images resized and patchified exactly as transformers' slow `Qwen2VLImageProcessor` does
-(numpy + PIL only; tests/test_preprocess.py checks it bit for bit), the visual-token budgets,
+Pixels: images resized and patchified exactly as transformers' PIL image processor does
+(`Qwen2VLImageProcessor` in 4.x, `Qwen2VLImageProcessorPil` in 5.x; numpy + PIL only;
+tests/test_preprocess.py checks it bit for bit, and states where 4.x and 5.x differ: transparency,
+see to_rgb), the visual-token budgets,
 and the crop rule of a zoom-in (SPEC section 3). Everything the model sees of an image goes
 through this file, so SFT, RL rollouts and evaluation resize, patchify and crop in exactly one
 way. Its own file because it is the one part of the data path with a bit-exact oracle and no
@@ -41,9 +43,10 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
     as well as the rounding allows.
 
     Same arithmetic as transformers 4.57.6 `qwen2_vl.image_processing_qwen2_vl.smart_resize`
-    (Python's banker's `round` first; if that is too big, shrink by beta = sqrt(area/max)
-    and floor; if too small, grow by beta = sqrt(min/area) and ceil), because the model was
-    trained on exactly these grids and the bbox coordinates live in them.
+    (in 5.x the same function is in `image_processing_pil_qwen2_vl`): Python's banker's `round`
+    first; if that is too big, shrink by beta = sqrt(area/max) and floor; if too small, grow by
+    beta = sqrt(min/area) and ceil. The model was trained on exactly these grids and the bbox
+    coordinates live in them.
 
     Inputs smaller than `factor` are NOT an error (transformers 4.57.6 does not raise: the
     first rounding gives 0, which is below min_pixels, so the ceil branch scales it up, e.g.
@@ -92,23 +95,39 @@ def image_size(path):
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+def to_rgb(img):
+    """
+    A PIL image as RGB, any transparency composited onto white: what a viewer sees, and what the
+    release's images were. The release's SFT, RL and eval load images with
+    qwen_vl_utils.fetch_image, whose to_rgb pastes an RGBA image onto white (qwen-vl-utils >=
+    0.0.9; bit for bit this result), and transformers 5.x's convert_to_rgb composites the same
+    way every image with an alpha band or a transparency key. Two sources differ, on purpose
+    (tests/test_preprocess.py states both): transformers 4.x drops alpha (plain convert("RGB"):
+    the colours stored under transparent pixels show), and the release's to_rgb treats only
+    mode RGBA so, converting LA, PA and palette images with a transparent colour plainly; we
+    give those white like RGBA, as 5.x does. Otherwise plain conversion: P through its palette,
+    L replicated to 3 channels.
+    """
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path):
     """
-    Open an image file as an RGB PIL image, fully loaded (the file is closed afterwards).
+    Open an image file as an RGB PIL image (to_rgb), fully loaded (the file is closed afterwards).
 
-    Mode conversion is plain `Image.convert("RGB")`, which is what transformers'
-    `convert_to_rgb` does: RGBA/LA drop alpha (no compositing onto white), P goes through
-    its palette, L is replicated to 3 channels. No EXIF rotation is applied (the Qwen-VL
-    fine-tuning loaders open images the same way), so the pixels are the file's as stored.
-    A missing file raises FileNotFoundError and an unreadable one ValueError, both naming
-    the path, so a bad dataset row is easy to find.
+    No EXIF rotation is applied (the Qwen-VL fine-tuning loaders open images the same way), so
+    the pixels are the file's as stored. A missing file raises FileNotFoundError and an
+    unreadable one ValueError, both naming the path, so a bad dataset row is easy to find.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels and returns a new image
+            return to_rgb(im)  # convert() loads the pixels and returns a new image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
@@ -116,10 +135,11 @@ def load_image(path):
 def preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """
     One PIL image -> (pixel_values float32 (h*w, 1176), grid_thw int64 [1, h, w]), h and w in
-    14-px patches. Equal (bit for bit) to `Qwen2VLImageProcessor(min_pixels, max_pixels)`
-    on a single image; the steps and their dtypes mirror its `_preprocess`:
+    14-px patches. Equal (bit for bit) to transformers' PIL processor (`Qwen2VLImageProcessor`
+    in 4.x, `Qwen2VLImageProcessorPil` in 5.x) with (min_pixels, max_pixels) on a single image,
+    transparency as 5.x treats it (to_rgb); the steps and their dtypes mirror its `_preprocess`:
 
-    1. convert to RGB (if not already), smart_resize, PIL BICUBIC resize of the uint8 image;
+    1. convert to RGB (to_rgb, if not already), smart_resize, PIL BICUBIC resize of the uint8 image;
     2. rescale: uint8 -> float64 * (1/255) -> float32;
     3. normalise in float32: (x - mean) / std with CLIP mean/std as float32;
     4. duplicate the frame to TEMPORAL_PATCH=2 and patchify. Rows are ordered
@@ -133,8 +153,8 @@ def preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     Budgets (SPEC 3): pass max_pixels=budget_per_image(n) for the initial images of a sample
     and max_pixels=budget_per_crop() for zoom-in crops.
     """
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    if img.mode != "RGB" or img.info.get("transparency") is not None:
+        img = to_rgb(img)
     w, h = display_of(img.size, min_pixels, max_pixels)  # smart_resize's size: the one the header check predicts
     img = img.resize((w, h), resample=Image.Resampling.BICUBIC)  # transformers: PIL resize, reducing_gap=None
     x = np.asarray(img)  # (h, w, 3) uint8

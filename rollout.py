@@ -23,7 +23,7 @@ import torch
 
 import data
 from data import Budget, ChatTokenizer, Context, observation_parts, prompt_parts
-from pixels import load_image
+from pixels import load_image, to_rgb
 from model import ViLaVT, rope_index
 from reward import MAX_IMAGES, parse_turn, validate_tool_call
 
@@ -321,7 +321,7 @@ def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sa
         limits=Limits(), budget=Budget()):
     """Answer one question about one or more images (paths or PIL images), chatting with
     them as needed. Returns (answer text or None, Trajectory)."""
-    imgs = [load_image(i) if isinstance(i, str) else i.convert("RGB") for i in images]
+    imgs = [load_image(i) if isinstance(i, str) else to_rgb(i) for i in images]  # transparency as load_image
     p = Prompt(imgs, data.format_question(question, options), max_tool_calls)
     traj = rollout(model, ct, [p], 1, sampling, limits, budget)[0]
     return traj.answer, traj

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -79,14 +80,45 @@ def embedder_dir(tmp_path_factory, tokenizer):
     return d
 
 
+# -----------------------------------------------------------------------------
+# transformers as the oracle, under 4.57 and 5.x (requirements.txt; .ci/run runs the oracle tests
+# under both). Where the two differ, these helpers pick the same oracle from either; where they
+# disagree on what is right (alpha compositing, tests/test_preprocess.py), the test says so.
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
 def mm_types(ids, image_token_id):
     """transformers' Qwen2.5-VL computes M-RoPE positions only when given mm_token_type_ids from
     5.x on (without them it silently falls back to 1-D positions, the wrong oracle); 4.x has no
     such argument. Keyword arguments for the reference model, for either."""
-    import transformers
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if not TRANSFORMERS_5:
         return {}
     return {"mm_token_type_ids": (ids == image_token_id).int()}
+
+
+def hf_vision_features(visual, pixel_values, grid_thw):
+    """The merged features (one row per LM token) of transformers' Qwen2.5-VL vision tower: 4.x
+    returns them as a tensor; 5.x returns a BaseModelOutputWithPooling whose pooler_output holds
+    them (its last_hidden_state is the blocks' output before the merger, in window order)."""
+    out = visual(pixel_values, grid_thw=grid_thw)
+    return out.pooler_output if TRANSFORMERS_5 else out
+
+
+def hf_image_processor(**kw):
+    """transformers' PIL image processor, pixels.py's oracle: Qwen2VLImageProcessor in 4.x; in
+    5.x that name is the torchvision processor and the PIL one is Qwen2VLImageProcessorPil."""
+    return (transformers.Qwen2VLImageProcessorPil if TRANSFORMERS_5 else transformers.Qwen2VLImageProcessor)(**kw)
+
+
+def hf_smart_resize(*args):
+    """The PIL processor's smart_resize: its module is image_processing_pil_qwen2_vl in 5.x
+    (image_processing_qwen2_vl there is the torchvision processor's, and needs torchvision)."""
+    if TRANSFORMERS_5:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    else:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    return smart_resize(*args)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 import encoder
 from model import ViLaVT, config_from_hf, config_to_hf, read_json, rope_index
 
-from conftest import SHARED, mm_types
+from conftest import SHARED, hf_vision_features, mm_types
 
 
 
@@ -22,7 +22,7 @@ def no_grad():
 
 def hf_vl(stock_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(stock_dir, torch_dtype=torch.float32).eval()
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(stock_dir, dtype=torch.float32).eval()
 
 
 def build_inputs(token_ids, vocab, segments, seed=0):
@@ -102,7 +102,7 @@ def test_vision_tower_matches_transformers(hf, vanilla):
     g = torch.Generator().manual_seed(3)
     grid = torch.tensor([[1, 4, 6], [1, 18, 20], [1, 2, 2]])
     pv = torch.randn(int(grid.prod(1).sum()), 1176, generator=g)
-    ref = hf.model.visual(pv, grid_thw=grid)
+    ref = hf_vision_features(hf.model.visual, pv, grid)
     ours = vanilla.visual(pv, grid)
     assert ours.shape == ref.shape == (int(grid.prod(1).sum()) // 4, 64)
     assert (ours - ref).abs().max() <= 1e-4
@@ -110,7 +110,7 @@ def test_vision_tower_matches_transformers(hf, vanilla):
 
 def test_qwen3_last_hidden_state_on_padded_batch(embedder_dir, vilavt, tokenizer):
     from transformers import Qwen3Model
-    ref_model = Qwen3Model.from_pretrained(embedder_dir, torch_dtype=torch.float32).eval()
+    ref_model = Qwen3Model.from_pretrained(embedder_dir, dtype=torch.float32).eval()
     lens = [5, 8, 2]
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(7, len(tokenizer), (3, 8), generator=g)
@@ -329,7 +329,8 @@ def test_vanilla_save_loads_in_transformers(vanilla, tmp_path, token_ids, tokeni
     vanilla.save_pretrained(d)
     ref = hf_vl(d)
     ids, pv, grid = build_inputs(token_ids, len(tokenizer), [3, (4, 6), 5])
-    assert (ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits - vanilla(ids, pv, grid)).abs().max() <= 1e-4
+    ref = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **mm_types(ids, token_ids["<|image_pad|>"])).logits
+    assert (ref - vanilla(ids, pv, grid)).abs().max() <= 1e-4
 
 
 def test_flat_config_layout(stock_dir, tmp_path, vanilla, token_ids, tokenizer):

@@ -1,8 +1,9 @@
 """
 Image preprocessing and the crop rule (pixels.py, SPEC section 3). CPU only, a few seconds.
 
-transformers is used only here, as the oracle: our resize/patchify must equal its slow
-`Qwen2VLImageProcessor` (SPEC 3: "Must match ... exactly").
+transformers is used only here, as the oracle: our resize/patchify must equal its PIL image
+processor (SPEC 3: "Must match ... exactly"), under 4.57 and 5.x (conftest.hf_image_processor).
+The one rule on which the two disagree, transparency, is stated where it is tested.
 """
 
 import os
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 import pixels
-from conftest import SHARED
+from conftest import SHARED, TRANSFORMERS_5, hf_image_processor, hf_smart_resize
 from pixels import (
     FACTOR,
     MAX_PIXELS,
@@ -42,16 +43,15 @@ SETTINGS = [
 
 
 def hf_preprocess(img, min_pixels, max_pixels, **kw):
-    import transformers  # the slow (PIL) processor: Qwen2VLImageProcessor in 4.x, ...Pil in 5.x
-    proc_cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    proc = proc_cls(min_pixels=min_pixels, max_pixels=max_pixels)
+    proc = hf_image_processor(min_pixels=min_pixels, max_pixels=max_pixels)
     out = proc(images=[img], return_tensors="pt", **kw)
     return out["pixel_values"], out["image_grid_thw"]
 
 
-def assert_parity(img, min_pixels, max_pixels, **kw):
+def assert_parity(img, min_pixels, max_pixels, ref_img=None, **kw):
+    """Our preprocess_image(img) against transformers' processor on ref_img (default: img)."""
     pv, thw = preprocess_image(img, min_pixels=min_pixels, max_pixels=max_pixels)
-    ref_pv, ref_thw = hf_preprocess(img, min_pixels, max_pixels, **kw)
+    ref_pv, ref_thw = hf_preprocess(img if ref_img is None else ref_img, min_pixels, max_pixels, **kw)
     assert thw.dtype == torch.long and pv.dtype == torch.float32
     assert thw.tolist() == ref_thw[0].tolist()
     assert pv.shape == ref_pv.shape
@@ -71,8 +71,6 @@ def random_image(w, h, mode="RGB", seed=0):
 
 
 def test_smart_resize_matches_transformers():
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
-
     sides = [1, 2, 13, 14, 27, 28, 29, 41, 42, 55, 56, 57, 100, 281, 314, 359, 422, 428, 640, 1000, 1023, 3000, 7680]
     for min_px, max_px in SETTINGS:
         for h in sides:
@@ -130,26 +128,77 @@ def test_preprocess_matches_transformers_extreme_shapes(w, h, max_pixels):
     assert_parity(img, MIN_PIXELS, max_pixels, input_data_format="channels_last")
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "L", "LA", "P"])
+# Transparency. transformers 4.x converts plainly (alpha dropped: the colours stored under
+# transparent pixels show); transformers 5.x composites every image with an alpha band or a
+# transparency key onto white; the release's loader (qwen_vl_utils.fetch_image's to_rgb) pastes
+# RGBA images onto white and converts every other mode plainly. pixels.to_rgb composites onto
+# white like 5.x: the release's own pixels for RGBA, white rather than hidden colours for the rest.
+ALPHA_MODES = ["RGBA", "LA", "P+transparency"]
+
+
+def mode_image(mode, w=300, h=200, seed=3):
+    if mode.startswith("P"):
+        img = random_image(w, h, "RGB", seed=seed).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        if mode == "P+transparency":
+            img.info["transparency"] = 0  # palette entry 0 is transparent (a PNG tRNS chunk)
+        return img
+    return random_image(w, h, mode, seed=seed)
+
+
+def on_white(img):
+    """img with its transparency composited onto white, written out: pasted onto white through its
+    alpha (the release's formula for RGBA, applied to the image as RGBA)."""
+    rgba = img.convert("RGBA")
+    white = Image.new("RGB", img.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.split()[3])
+    return white
+
+
+def release_to_rgb(img):
+    """The release's loader, written out (qwen_vl_utils.fetch_image's to_rgb, qwen-vl-utils >= 0.0.9)."""
+    return on_white(img) if img.mode == "RGBA" else img.convert("RGB")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "LA", "P", "P+transparency"])
 def test_preprocess_matches_transformers_other_modes(mode):
-    if mode == "P":
-        img = random_image(300, 200, "RGB", seed=3).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
-    else:
-        img = random_image(300, 200, mode, seed=3)
-    assert img.mode == mode
-    assert_parity(img, MIN_PIXELS, 200704)
+    img = mode_image(mode)
+    if mode not in ALPHA_MODES or TRANSFORMERS_5:
+        assert_parity(img, MIN_PIXELS, 200704)  # transformers' processor as it is
+        return
+    # transformers 4.x drops alpha where we (and 5.x) composite onto white: its processor is the
+    # oracle for the resize and patchify of the composited image, and differs on the image itself
+    assert_parity(img, MIN_PIXELS, 200704, ref_img=on_white(img))
+    assert not torch.equal(hf_preprocess(img, MIN_PIXELS, 200704)[0], preprocess_image(img, MIN_PIXELS, 200704)[0])
+
+
+def test_transparency_is_composited_onto_white():
+    for mode in ALPHA_MODES:
+        img = mode_image(mode)
+        ours = np.asarray(pixels.to_rgb(img))
+        assert np.array_equal(ours, np.asarray(on_white(img))), mode
+        if mode == "RGBA":  # bit for bit the release's pixels
+            assert np.array_equal(ours, np.asarray(release_to_rgb(img)))
+        else:  # the release's to_rgb converts these plainly, dropping alpha: here we differ from it
+            assert not np.array_equal(ours, np.asarray(release_to_rgb(img))), mode
 
 
 def test_load_image_modes_match_transformers_convert(tmp_path):
     from transformers.image_transforms import convert_to_rgb
 
-    for mode in ["RGBA", "L", "LA"]:
-        img = random_image(40, 30, mode, seed=5)
+    for mode in ["RGBA", "L", "LA", "P", "P+transparency"]:
         path = tmp_path / f"x_{mode}.png"
-        img.save(path)
+        mode_image(mode, 40, 30, seed=5).save(path)
         loaded = load_image(path)
         assert loaded.mode == "RGB" and loaded.size == (40, 30)
-        assert np.array_equal(np.asarray(loaded), np.asarray(convert_to_rgb(Image.open(path))))
+        with Image.open(path) as im:
+            if TRANSFORMERS_5:
+                ref = convert_to_rgb(im, return_numpy=True)
+            else:
+                ref = np.asarray(convert_to_rgb(im))
+                if mode in ALPHA_MODES:  # 4.x drops alpha; we composite onto white (see above)
+                    assert not np.array_equal(np.asarray(loaded), ref), mode
+                    ref = np.asarray(on_white(im))
+        assert np.array_equal(np.asarray(loaded), ref), mode
 
 
 def test_patch_order():
