@@ -99,6 +99,18 @@ def build_model(model_dir, embedder_dir, args, device, rank):
     if rank == 0:
         torch.manual_seed(args.seed)  # the new layers' N(0, 0.02) init when starting from stock + embedder
         full = ViLaVT.from_pretrained(model_dir, embedder_dir, dtype=torch.float32, device="cpu").state_dict()
+    model = sharded_model(cfg, args, mixed_precision=device.type == "cuda")  # CPU: fp32 throughout
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model.train(), cfg
+
+
+def sharded_model(cfg, args, mixed_precision):
+    """The model as build_model shapes it, still on the meta device (no weights): what trains,
+    activation checkpointing, the FSDP2 units and their settings. Its own function so that
+    `bench.py plan` (memplan.py) runs the same build on fake tensors. mixed_precision: bf16
+    compute with fp32 gradient reduction (GPU), else fp32 throughout."""
     with torch.device("meta"):
         model = ViLaVT(cfg)
     # what trains (SPEC 2): never the inquiry text encoder; text_proj and the ViT by flag
@@ -110,8 +122,8 @@ def build_model(model_dir, embedder_dir, args, device, rank):
     model.checkpointing = model.visual.checkpointing = args.activation_checkpointing
     # FSDP2: one unit per decoder block and per vision block, the rest (embeddings, lm_head,
     # patch embed, merger, text encoder, text_proj) in the root unit.
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
-          else MixedPrecisionPolicy())  # CPU: fp32 throughout
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+          else MixedPrecisionPolicy())
     for block in list(model.model.layers) + list(model.visual.blocks):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -128,10 +140,7 @@ def build_model(model_dir, embedder_dir, args, device, rank):
             # A rank whose samples carry no inquiry leaves text_proj / instruct_* without a gradient
             # while other ranks have one: reduce zeros for them, or the collectives mismatch.
             m.set_reduce_scatter_unused_params(True)
-    model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    return model.train(), cfg
+    return model
 
 
 def make_optimizer(model, args):
