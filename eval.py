@@ -28,6 +28,10 @@ Modes (--mode), i.e. the paradigms of the paper's Tables 1-2, from one script:
           the whole reply (or its <answer> if it wrote one). The Qwen2.5-VL-7B rows.
 A stock Qwen2.5-VL folder loads as the vanilla model (no inquiry path) in any mode: that is the
 Table 2 "Qwen2.5-VL-7B" row in plain mode and "w/ vanilla ViT" checkpoints in chat mode.
+Ablations of chat mode, alone or together: --no-inquiry (the paper's "w/o inquiry": crops
+re-encoded without the query) and --blank-crops (each crop a flat grey image of the real crop's
+size: where the model zoomed and as many tokens, not what is there). Lines record both; the
+tables name them.
 
 Scores (SPEC 8): multiple choice = the option letter of the answer (reward.mc_letter: "B",
 "(B)", "B. text") against the gold letter; numerical/regression = the benchmark's own MRA
@@ -105,6 +109,8 @@ SUFFIX = {"multiple choice": "\nAnswer with the option's letter from the given c
           "numerical": "\nPlease answer the question using a single word or phrase (e.g., 42 or 3.14)."}
 
 MODES = ("chat", "direct", "plain")
+# the ablations a results line records: (its key, the value of a plain run, the label the tables show)
+ABLATIONS = (("inquiry", True, "w/o inquiry"), ("blank_crops", False, "blank crops"))
 
 
 def bench_name(path):
@@ -319,14 +325,20 @@ def read_results(paths):
     return best, bad
 
 
+def ablations(line):
+    """Labels of the ablations a results line was made under ([] for a plain run; older lines lack the keys)."""
+    return [label for key, plain, label in ABLATIONS if line.get(key, plain) != plain]
+
+
 def summarize(name, questions, lines):
     """Scores of one benchmark from its questions and results lines (question_id -> line).
     Only questions with a line count (a partial run is marked); failed ones score 0."""
-    rows = []  # (question, score, failed)
+    rows, notes = [], set()  # (question, score, failed); the ablations the lines were made under
     for q in questions:
         line = lines.get(str(q["qid"]))
         if line is None:
             continue
+        notes.update(ablations(line))
         if "error" in q:
             rows.append((q, 0.0, True))
             continue
@@ -336,7 +348,7 @@ def summarize(name, questions, lines):
         s, _ = score_answer(final_answer(line.get("response"), line.get("mode", "chat")), q)
         rows.append((q, s, False))
     n = len(rows)
-    res = dict(name=name, n=n, total=len(questions), failed=sum(f for _, _, f in rows),
+    res = dict(name=name, n=n, total=len(questions), failed=sum(f for _, _, f in rows), ablations=sorted(notes),
                kinds=sorted({q.get("kind") for q, _, _ in rows if q.get("kind")}), breakdowns={}, spread=None)
     if not n:
         res["score"] = None
@@ -382,6 +394,12 @@ def _fmt(x):
     return "-" if x is None else f"{x:.1f}"
 
 
+def _label(name, notes, file_label=None):
+    """A table's name for a results file: an ablation run must not pass for the model's own score."""
+    name += f" [{', '.join(notes)}]" if notes else ""
+    return name if file_label is None else f"{name} ({file_label})"
+
+
 def markdown(summaries, title="Results", labels=None):
     """The results table (ours beside the paper's Table 1) and per-category tables."""
     out = [f"## {title}", "",
@@ -393,14 +411,14 @@ def markdown(summaries, title="Results", labels=None):
             metric += " (mean of types)"
         paper = PAPER.get(s["name"], (None, None))
         n = f"{s['n']}/{s['total']}" + ("" if s["n"] == s["total"] else " (partial)")
-        label = s["name"] if labels is None else f"{s['name']} ({labels[i]})"
+        label = _label(s["name"], s["ablations"], labels and labels[i])
         out.append(f"| {label} | {metric} | {_fmt(s['score'])} | {n} | {s['failed']} | {_fmt(paper[0])} | "
                    f"{_fmt(paper[1])} |")
         if s.get("score_official") is not None:  # VSI-Bench: the benchmark's own pooling, beside the authors'
             out.append(f"| {label}, official pooling | {metric}, difficulty levels averaged | "
                        f"{_fmt(s['score_official'])} | {n} | {s['failed']} | - | - |")
     for i, s in enumerate(summaries):
-        label = s["name"] if labels is None else f"{s['name']} ({labels[i]})"
+        label = _label(s["name"], s["ablations"], labels and labels[i])
         for field, groups in s["breakdowns"].items():
             out += ["", f"### {label}: by {field}", "", f"| {field} | Questions | Score |", "|---|---|---|"]
             out += [f"| {k} | {n} | {m:.1f} |" for k, (m, n) in groups.items()]
@@ -459,21 +477,22 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
     Returns the summary when all questions (all ranks) are done, else None."""
     own = out if world == 1 else "{0}.rank{2}{1}".format(*os.path.splitext(out), rank)
     done, _ = read_results(results_files(out))
+    setting = (mode, tokens, not args.no_inquiry, args.blank_crops)
+    describe = "mode {!r}, {} visual tokens, inquiry {}, blank crops {}".format
     for line in done.values():  # one file = one setting; mixing would make the scores meaningless
-        if (line.get("mode", "chat"), line.get("max_visual_tokens", tokens), line.get("inquiry", True)) != \
-                (mode, tokens, not args.no_inquiry):
-            raise SystemExit(f"{out} holds results of mode {line.get('mode')!r}, {line.get('max_visual_tokens')} "
-                             f"visual tokens, inquiry {line.get('inquiry', True)}; this run is mode {mode!r}, "
-                             f"{tokens}, inquiry {not args.no_inquiry}: pass another --out")
+        had = (line.get("mode", "chat"), line.get("max_visual_tokens", tokens), line.get("inquiry", True),
+               line.get("blank_crops", False))
+        if had != setting:
+            raise SystemExit(f"{out} holds results of {describe(*had)}; this run is {describe(*setting)}: "
+                             f"pass another --out")
     todo = [(i, q) for i, q in enumerate(questions) if i % world == rank
             and (str(q["qid"]) not in done or done[str(q["qid"])].get("error") is not None)]
     print(f"[rank {rank}] {name} ({mode}, {tokens} visual tokens): {len(todo)} to do, "
           f"{sum(i % world == rank for i in range(len(questions))) - len(todo)} already done -> {own}")
     limits = rollout.Limits(max_tool_calls=5, max_images=args.max_images, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
-    common = dict(mode=mode, max_visual_tokens=tokens, model=os.path.abspath(args.model) if args.model else None)
-    if args.no_inquiry:
-        common["inquiry"] = False
+    common = dict(mode=mode, max_visual_tokens=tokens, inquiry=not args.no_inquiry, blank_crops=args.blank_crops,
+                  model=os.path.abspath(args.model) if args.model else None)
     writer = ResultsWriter(own)
     try:
         for start in range(0, len(todo), args.batch_size):
@@ -524,7 +543,7 @@ def _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank):
     t0 = time.time()
     try:
         trajs = rollout.rollout(model, ct, [p for _, _, p, _ in ready], 1, sampling, limits, budget,
-                                inquiry=not args.no_inquiry)
+                                inquiry=not args.no_inquiry, blank_crops=args.blank_crops)
     except Exception as e:  # noqa: BLE001: recorded per question, never fatal
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -693,7 +712,8 @@ def cmd_run(args):
                 atomic_write(os.path.splitext(o)[0] + ".md", md)
                 print(md)
     if args.sweep and len(summaries) == len(budgets) * len(modes):
-        sweep_report(name, summaries, stem, os.path.basename(os.path.normpath(args.model)))
+        notes = next(iter(summaries.values()))["ablations"]
+        sweep_report(name, summaries, stem, _label(os.path.basename(os.path.normpath(args.model)), notes))
     return summaries
 
 
@@ -714,6 +734,8 @@ def build_parser():
     p.add_argument("--max-frames", type=int, default=32, help="video records: frames sampled uniformly")
     p.add_argument("--no-inquiry", action="store_true", help="the paper's 'w/o inquiry' ablation: crops re-encoded "
                                                              "jointly but without the tool call's query")
+    p.add_argument("--blank-crops", action="store_true", help="every crop a flat grey image of the real crop's size: "
+                                                              "what answers owe to what the zooms show")
     # sampling (paper App. C: top-p 0.9, T 0.75)
     p.add_argument("--temperature", type=float, default=0.75)
     p.add_argument("--top-p", type=float, default=0.9)

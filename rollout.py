@@ -20,10 +20,11 @@ everything the encoder saw, so grpo.py recomputes log-probs on exactly the same 
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 import data
 from data import Budget, ChatTokenizer, Context, observation_parts, prompt_parts
-from pixels import load_image, to_rgb
+from pixels import crop_geometry, load_image, to_rgb
 from model import ViLaVT, rope_index
 from reward import MAX_IMAGES, parse_turn, validate_tool_call
 
@@ -141,7 +142,27 @@ def _on_device(model, enc, device):
     return enc
 
 
-def _end_turn(row, tok, model, ct, limits, device, inquiry):
+# The blank-crops ablation's fill: plain mid grey, the same image whatever the encoder's
+# normalisation (the CLIP-mean grey, (123, 117, 104) in 8 bits, would give an input of ~0 instead
+# of 128's flat 0.08, 0.17, 0.34 std per channel). A flat image carries no content at any grey
+# level, and stays flat through preprocess_image's resize.
+BLANK_GREY = (128, 128, 128)
+
+
+def grey_crops(ctx, call):
+    """Flat grey images, one per region of a validated tool call, each of the size its real crop
+    would have (pixels.crop_geometry: the crop rule without cutting), for Context.zoom's crop_files:
+    the same display sizes and image tokens, none of the content. Raises ValueError as the real
+    crop would (a crop too thin to encode)."""
+    grey = []
+    for r in call["region"]:
+        parent = ctx.views[r["index"]]
+        _, size = crop_geometry(ctx.originals[parent.source].size, parent.region, parent.display, r["bbox_2d"])
+        grey.append(Image.new("RGB", size, BLANK_GREY))
+    return grey
+
+
+def _end_turn(row, tok, model, ct, limits, device, inquiry, blank_crops):
     """Called after a policy token; decides what comes next: more of this turn, an
     observation, or the end. Returns the finish reason or None."""
     traj = row.traj
@@ -173,8 +194,9 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry):
     error = turn.error or validate_tool_call(turn.tool, traj.image_sizes(), limits.max_images)  # as the reward
     new, enc = [], None
     if error is None:
+        call = turn.tool if inquiry else dict(turn.tool, query="")
         try:
-            new = ctx.zoom(turn.tool if inquiry else dict(turn.tool, query=""))
+            new = ctx.zoom(call, grey_crops(ctx, call) if blank_crops else None)
         except ValueError as e:  # e.g. a crop too thin to encode
             error = str(e)
     if error is None:
@@ -202,11 +224,15 @@ CACHE_CHUNK = 256  # KV-cache slots added at a time, at least (or half the curre
 
 
 @torch.no_grad()
-def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True):
+def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True,
+            blank_crops=False):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
-    The token log-probs are not kept: GRPO recomputes them on the returned tokens. inquiry=False is the
-    paper's "w/o inquiry" ablation (section 4.4, q = empty set): each tool call's crops are still
-    encoded jointly as one group, but with no inquiry tokens; the policy's text keeps its query."""
+    The token log-probs are not kept: GRPO recomputes them on the returned tokens. Two ablations:
+    inquiry=False is the paper's "w/o inquiry" (section 4.4, q = empty set): each tool call's crops
+    are still encoded jointly as one group, but with no inquiry tokens; the policy's text keeps its
+    query. blank_crops=True (ours, issue 12) replaces every crop by a flat grey image of the real crop's
+    size (grey_crops): the model sees where it zoomed and gets as many image tokens, not what is
+    there, so the answers' change measures how much they depend on what the zooms show."""
     device = model.lm_head.weight.device
     image_token = model.cfg.lm.image_token_id
     G, n = group_size, len(prompts) * group_size
@@ -281,7 +307,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
             _append(row, [tok], policy=True)
             row.turn.append(tok)
             row.n_new += 1
-            finish = _end_turn(row, tok, model, ct, limits, device, inquiry)
+            finish = _end_turn(row, tok, model, ct, limits, device, inquiry, blank_crops)
             if finish is None and row.cache_len + 1 >= limits.max_context:
                 finish = "context_full"
             if finish is None:

@@ -19,6 +19,7 @@ from data import ChatTokenizer
 import encoder
 from encoder import VisionConfig, make_layout
 from model import ViLaVT, tiny_config
+from scripted import Scripted
 
 from conftest import SHARED
 
@@ -432,6 +433,46 @@ def test_vanilla_model_plain_and_direct_modes(tmp_path, stock_dir, model_dir, be
     assert p["mode"] == "plain" and d["mode"] == "direct" and p["max_tool_calls"] == 0 == d["max_tool_calls"]
     assert count_prompts[0].user.startswith("<image>What is the number") and count_prompts[1].user is None
     assert count_prompts[1].instructions == data.DIRECT_INSTRUCTIONS
+
+
+def test_blank_crops_are_run_recorded_and_kept_apart(tmp_path, model_dir, monkeypatch, short_system_prompt):
+    """--blank-crops: a scripted zoom gives the plain run's trajectory (same tokens, crop sizes and
+    grids) with a flat grey crop; the lines record the flag, the table names it, and a results file
+    of the other setting is refused, either way."""
+    rec = dict(images=["a.png"], question="How many dots?", options=None, answer="3", problem_type="numerical")
+    (tmp_path / "zoom").mkdir()
+    bench = write_json(tmp_path / "zoom" / "dots.jsonl", rec)  # one JSON line
+    noise(160, 120, 0).save(tmp_path / "zoom" / "a.png")  # displayed at 168x112 under 64 tokens
+    trajs, real = [], rollout.rollout
+
+    def scripted(model, ct, prompts, *a, **kw):  # the random model calls no tool: one zoom, then an answer
+        call = '<think> look </think>\n<tool> {"region": [{"index": 0, "bbox_2d": [10, 10, 80, 60]}], ' \
+               '"query": "the dots"} </tool>'
+        script = ct.encode(call) + ct.encode("<think> done </think>\n<answer> 3 </answer>") + [ct.im_end]
+        trajs.extend(real(Scripted(model, [script] * len(prompts)), ct, prompts, *a, **kw))
+        return trajs[-len(prompts):]
+
+    monkeypatch.setattr(rollout, "rollout", scripted)
+    args = ["--model", model_dir, "--bench", bench] + FAST + ["--max-turn-tokens", "200", "--max-new-tokens", "400"]
+    plain, blank = str(tmp_path / "plain.jsonl"), str(tmp_path / "blank.jsonl")
+    E.main(args + ["--out", plain])
+    s = E.main(args + ["--out", blank, "--blank-crops"])[("chat", 64)]
+    (lp,), (lb,) = lines_of(plain), lines_of(blank)
+    assert (lp["blank_crops"], lb["blank_crops"], lb["inquiry"]) == (False, True, True)
+    assert lb["crops"] == lp["crops"] and lb["crops"][0]["query"] == "the dots" and lb["score"] == 1.0
+    tp, tb = trajs
+    assert tb.ids == tp.ids and tb.n_tool_calls == 1 and tb.n_invalid == 0
+    assert torch.equal(tb.context.views[1].grid_thw, tp.context.views[1].grid_thw)
+    crop = tb.context.views[1].pixel_values.view(-1, 3, 2 * 14 * 14)  # rows are (channel, temporal, 14, 14)
+    assert (crop == crop[:1, :, :1]).all() and not torch.equal(tb.context.views[1].pixel_values,
+                                                              tp.context.views[1].pixel_values)
+    assert s["ablations"] == ["blank crops"] and "| zoom/dots [blank crops] |" in open(tmp_path / "blank.md").read()
+    with pytest.raises(SystemExit, match="blank crops False; this run is .* blank crops True: pass another --out"):
+        E.main(args + ["--out", plain, "--blank-crops"])
+    with pytest.raises(SystemExit, match="inquiry True, blank crops True; this run is .* inquiry False"):
+        E.main(args + ["--out", blank, "--blank-crops", "--no-inquiry"])
+    E.main(["--score", blank, "--bench", bench, "--out", str(tmp_path / "scored.md")])
+    assert "| zoom/dots [blank crops] |" in open(tmp_path / "scored.md").read()
 
 
 # -----------------------------------------------------------------------------

@@ -119,6 +119,31 @@ def test_no_inquiry_blanks_the_query_at_re_encoding_only(model, ct):
     assert torch.equal(la[:first], lb[:first]) and not torch.equal(la, lb)
 
 
+def test_blank_crops_keep_sizes_and_tokens_not_pixels(model, ct):
+    """blank_crops=True: every crop (a crop of a crop too) is flat grey of the real crop's size, so
+    the same token ids, grids, regions and queries, other pixels; with inquiry=False as well, the
+    queries go too and the crops stay grey."""
+    prompt = rollout.Prompt([noise_image(448, 336, 1), noise_image(300, 300, 2)], TWO_CALLS["question"])
+    script = policy_tokens(ct, TWO_CALLS["steps"])
+    a, b, c = (rollout.rollout(Scripted(model, [script]), ct, [prompt], budget=BUDGET, **kw)[0]
+               for kw in ({}, dict(blank_crops=True), dict(blank_crops=True, inquiry=False)))
+    ea, eb, ec = (t.encoder_inputs(ct) for t in (a, b, c))
+    assert b.ids == a.ids == c.ids and b.finish == "answer" and b.n_invalid == 0
+    assert torch.equal(eb["grid_thw"], ea["grid_thw"]) and torch.equal(ec["grid_thw"], ea["grid_thw"])
+    assert [(v.region, v.display, v.bbox, v.parent, v.group) for v in b.context.views] == \
+        [(v.region, v.display, v.bbox, v.parent, v.group) for v in a.context.views]
+    assert b.context.queries == a.context.queries and c.context.queries == [""] * 4
+    grey = torch.tensor([(128 / 255 - m) / s for m, s in zip(pixels.OPENAI_CLIP_MEAN, pixels.OPENAI_CLIP_STD)])
+    for t in (b, c):
+        views = t.context.views
+        for va, v in zip(a.context.views[:2], views[:2]):  # the originals are untouched
+            assert torch.equal(v.pixel_values, va.pixel_values)
+        for va, v in zip(a.context.views[2:], views[2:]):
+            per_channel = v.pixel_values.view(-1, 3, 2 * 14 * 14)  # rows are (channel, temporal, 14, 14)
+            assert torch.allclose(per_channel, grey.view(1, 3, 1).expand_as(per_channel), atol=1e-6)
+            assert (v.pixel_values - va.pixel_values).abs().max() > 0.5
+
+
 def test_logprobs_recomputed_on_returned_tokens(tmp_path, model, ct):
     """No decode-then-retokenize drift: a full forward over traj.ids (all images re-encoded in
     their groups) gives the decode steps' log-probs (KV cache, observation prefills) at every
