@@ -735,7 +735,7 @@ def build_parser():
     p.add_argument("--no-inquiry", action="store_true", help="the paper's 'w/o inquiry' ablation: crops re-encoded "
                                                              "jointly but without the tool call's query")
     p.add_argument("--blank-crops", action="store_true", help="every crop a flat grey image of the real crop's size: "
-                                                              "what answers owe to what the zooms show")
+                                                              "what answers owe to what the crops show")
     # sampling (paper App. C: top-p 0.9, T 0.75)
     p.add_argument("--temperature", type=float, default=0.75)
     p.add_argument("--top-p", type=float, default=0.9)
