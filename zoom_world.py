@@ -12,7 +12,7 @@ owns the task's data, its tiny tokenizer and base models, the sizes of every sta
 the task's metrics (box hit, the results table). Folders under out/ (out/smoke/ with --smoke),
 each stage starting from the previous one's `latest`:
 
-    zoom/  tiny-base[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/  demo/ (<row>.jsonl, results.json, .md)
+    zoom/  tiny-base[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/  demo/ (<row>.jsonl, results.json, .md, probes.json)
 
 Resumable: a stage whose output is complete and newer than its input is skipped, a training run
 cut short continues with --resume, an output older than its input is redone.
@@ -36,8 +36,10 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
+import rollout  # its checkpoint loader
 from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM, SYSTEM_PROMPT,
-                  TOOL_FORMAT, Budget, format_question, images_header, observation_parts, prompt_parts, train_tokenizer)
+                  TOOL_FORMAT, Budget, Context, format_question, images_header, observation_parts, prompt_parts, read_jsonl,
+                  render_sample, train_tokenizer)
 from eval import final_answer, load_bench, read_results, results_files, score_answer
 from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
@@ -138,6 +140,8 @@ class ZoomWorldConfig:
     dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
     dot_count: tuple = (1, 6)  # dots on a card, inclusive range
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
+    position_tint: int = 0  # amplitude (grey levels) of a colour ramp over the whole image: red rises left to
+    #   right, blue top to bottom, so every patch shows where it is (see _render)
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
     n_cards: tuple = (2, 4)  # cards per image, inclusive range; at most len(COLORS) and the cell count
     n_clutter: tuple = (15, 30)  # background clutter shapes per image, inclusive range
@@ -372,6 +376,12 @@ def _render(rng, cfg, r, cards):
         m = _mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
         sub = a[label[1]:label[3], label[0]:label[2]]
         sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
+    if cfg.position_tint:
+        ramp = np.linspace(-cfg.position_tint, cfg.position_tint, OW)
+        tint = np.zeros((OH, OW, 3))
+        tint[..., 0] += ramp[None, :]
+        tint[..., 2] += np.linspace(-cfg.position_tint, cfg.position_tint, OH)[:, None]
+        a = np.clip(a + tint, 0, 255).astype(np.uint8)
     return Image.fromarray(a)
 
 
@@ -642,7 +652,8 @@ ROWS = (("direct", "sft", "--mode direct"),  # the SFT model answering directly 
         ("chat", "sft", "--mode chat"),  # the SFT model chatting with images
         ("grpo", "grpo", "--mode chat"),  # after GRPO
         ("vanilla", "grpo-vanilla", "--mode chat"),  # the same SFT + GRPO with the vanilla encoder
-        ("no_inquiry", "grpo", "--mode chat --no-inquiry"))  # after GRPO, the query blanked at re-encoding
+        ("no_inquiry", "grpo", "--mode chat --no-inquiry"),  # after GRPO, the query blanked at re-encoding
+        ("blank_crops", "sft", "--mode chat --blank-crops"))  # the chat row with every crop flat grey: what looking buys
 COLUMNS = (("accuracy", "Acc (MC)"), ("mra", "MRA (num.)"), ("score", "All"), ("format_rate", "Format"),
            ("tool_calls", "Tools/q"), ("box_hit_rate", "Box hit"), ("accuracy_multi_image", "Acc multi-img"))
 
@@ -725,8 +736,20 @@ def main(argv=None):
         evaluate(ckpt, bench, out, flags + " " + preset["eval"], len(questions))
         rows.append(dict(name=row, **demo_metrics(questions, read_results(results_files(out))[0]),
                          checkpoint=os.path.abspath(ckpt), mode=flags.split()[1], inquiry="--no-inquiry" not in flags,
+                         blank_crops="--blank-crops" in flags,
                          decoding="greedy"))
+        if row == "grpo":  # did RL raise its own training reward? (the issue's "RL helps" test)
+            rows[-1].update(train_reward_fifths(os.path.join(root, "grpo", "log.jsonl")))
     times["eval"] = time.time() - t
+    t = time.time()
+    probes = {}  # the sub-skills of each stage's model, teacher-forced on the held-out split
+    for stage, folder in (("base", "tiny-base"), ("sft", "sft"), ("grpo", "grpo")):
+        ckpt = os.path.join(root, folder) if stage == "base" else latest_checkpoint(os.path.join(root, folder))
+        probes[stage] = probe_model(ckpt, bench, os.path.dirname(bench))
+        print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in PROBES) +
+              f" (n={probes[stage]['n']})", flush=True)
+    times["probes"] = time.time() - t
+    atomic_write(os.path.join(demo, "probes.json"), json.dumps(probes, indent=1) + "\n")
     atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
     atomic_write(os.path.join(demo, "results.md"), demo_table(rows))
     print("\n" + demo_table(rows) + f"\nwrote {os.path.join(demo, 'results.json')}")
@@ -776,6 +799,91 @@ def demo_metrics(questions, lines):
     return dict(n=len(questions), accuracy=pct(mc), mra=pct(num), score=pct(mc + num), format_rate=pct(fmt),
                 tool_calls=statistics.fmean(calls), box_hit_rate=pct(boxes), accuracy_multi_image=pct(multi),
                 n_boxes=len(boxes), n_multi_image=len(multi))
+
+
+# -----------------------------------------------------------------------------
+# probes: the sub-skills a chat trajectory strings together, teacher-forced on held-out records
+#
+# Each probe takes a held-out single-image zoom record, keeps its gold trajectory (gold boxes,
+# gold crops) and swaps one slot of one gold think for each candidate value; the model's choice
+# is the candidate whose slot tokens it finds most likely, after the same prefix. So a probe
+# measures one skill in isolation: what the model would write there if everything before it
+# were right. copy: the card's colour, named in the question ("The question is about the {color}
+# card"); grounding: the cell of that card in the initial view ("which is {place}"), the skill
+# the bbox follows from; reading: the mark's value seen in the gold crop ("the red card has
+# {value} dots"), after the zoom.
+
+PROBES = ("copy", "grounding", "reading")
+ENCODER_KEYS = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")  # data.Context.encoder_inputs
+
+
+def probe_candidates(rec, cfg=ZoomWorldConfig()):
+    """{probe: (records, index of the gold one)} for one record: copies of rec whose gold steps
+    differ only in the probe's slot; {} for a record no probe applies to (multi-image, text-only,
+    crop of crop, direct)."""
+    if rec.get("category") != "single" or rec["task"].endswith("-zoom2") or rec.get("mode") == "direct":
+        return {}
+    card = next(c for c in rec["scene"][0] if c["color"] in rec["question"].split())
+    color, place = card["color"], rec["steps"][0]["think"].split("which is ")[1].split(" of image")[0]
+    words = dict(_KIND[rec["mark"]], color=color)
+    places = [PLACES[r * 2 // (cfg.grid[1] - 1) * 3 + c * 2 // (cfg.grid[0] - 1)]
+              for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
+    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if rec["mark"] == "dots" else list(range(1, 10))
+
+    def swap(k, think):
+        steps = [dict(s) for s in rec["steps"]]
+        steps[k]["think"] = think
+        return dict(rec, steps=steps)
+
+    zoom = lambda c, p: TEXT["t_zoom"].format(place=p, index=0, **dict(words, color=c))  # noqa: E731
+    last = len(rec["steps"]) - 1
+    read = lambda v: rec["steps"][last]["think"].replace(  # noqa: E731
+        TEXT[f"t_read_{rec['mark']}"].format(k=1, value=card["value"], **words),
+        TEXT[f"t_read_{rec['mark']}"].format(k=1, value=v, **words))
+    return {"copy": ([swap(0, zoom(c, place)) for c in COLORS], list(COLORS).index(color)),
+            "grounding": ([swap(0, zoom(color, p)) for p in places], places.index(place)),
+            "reading": ([swap(last, read(v)) for v in values], values.index(card["value"]))}
+
+
+def slot_scores(model, samples):
+    """(n,) summed log-probs of each candidate's slot: the token span where the candidates' ids
+    differ (their common prefix and suffix are left out), teacher-forced in one padded batch
+    (right padding is inert under causal attention)."""
+    ids = [s["input_ids"].tolist() for s in samples]
+    pre = next(i for i in range(min(map(len, ids)) + 1) if i == min(map(len, ids)) or len({x[i] for x in ids}) > 1)
+    suf = next(i for i in range(min(map(len, ids)) - pre + 1)
+               if i == min(map(len, ids)) - pre or len({x[len(x) - 1 - i] for x in ids}) > 1)
+    T = max(map(len, ids))
+    x = torch.zeros(len(ids), T, dtype=torch.long)  # pad with token 0, a text token
+    targets = torch.full((len(ids), T), -100)
+    for b, row in enumerate(ids):
+        x[b, :len(row)] = torch.tensor(row)
+        targets[b, pre - 1:len(row) - suf - 1] = x[b, pre:len(row) - suf]  # position t predicts token t+1
+    enc = Context.merge_encoder_inputs([{k: s[k] for k in ENCODER_KEYS} for s in samples])
+    with torch.no_grad():
+        return model.token_logprobs(model.hidden_states(x, **enc), targets).sum(1)
+
+
+def probe_model(model_dir, bench, image_root, limit=None):
+    """{probe: accuracy in percent, "n": records probed} for a checkpoint on held-out records."""
+    model, ct = rollout.load(model_dir)
+    model.eval()
+    right = {p: [] for p in PROBES}
+    recs = [rec for _, rec in read_jsonl(bench)[0] if probe_candidates(rec)][:limit]
+    for i, rec in enumerate(recs):
+        for p, (cands, gold) in probe_candidates(rec).items():
+            samples = [render_sample(c, f"{bench}:{rec['id']}", image_root, ct) for c in cands]
+            right[p].append(int(slot_scores(model, samples).argmax()) == gold)
+    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(recs))
+
+
+def train_reward_fifths(log_path):
+    """Mean GRPO training reward over the first and the last fifth of its steps (at least one
+    step each), from grpo.py's log.jsonl."""
+    with open(log_path) as f:
+        rewards = [json.loads(ln)["reward"] for ln in f if ln.strip()]
+    k = max(1, len(rewards) // 5)
+    return dict(train_reward_first_fifth=statistics.fmean(rewards[:k]), train_reward_last_fifth=statistics.fmean(rewards[-k:]))
 
 
 def demo_table(rows):

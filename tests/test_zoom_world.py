@@ -26,7 +26,7 @@ from model import ViLaVT, tiny_config
 from scripted import Scripted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ["direct", "chat", "grpo", "vanilla", "no_inquiry"]
+ROWS = ["direct", "chat", "grpo", "vanilla", "no_inquiry", "blank_crops"]
 COLUMNS = ["accuracy", "mra", "format_rate", "tool_calls", "box_hit_rate", "accuracy_multi_image"]
 
 
@@ -38,7 +38,7 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    assert p.stdout.count("$ python ") == 4 + 5  # 2 x (sft, grpo), 5 eval rows
+    assert p.stdout.count("$ python ") == 4 + 6  # 2 x (sft, grpo), 6 eval rows
     for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/train.jsonl",
                   "grpo.py --model out/smoke/sft/latest --data out/smoke/zoom/train.jsonl",
                   "eval.py --model out/smoke/grpo/step_000002"):
@@ -54,16 +54,23 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
         assert (config["model_type"] == "vilavt") == (v == "")  # the vanilla pipeline has no inquiry path
     rows = json.load(open(smoke / "demo" / "results.json"))
     assert [r["name"] for r in rows] == ROWS
-    expect = dict(direct="sft", chat="sft", grpo="grpo", vanilla="grpo-vanilla", no_inquiry="grpo")
+    expect = dict(direct="sft", chat="sft", grpo="grpo", vanilla="grpo-vanilla", no_inquiry="grpo", blank_crops="sft")
     for r in rows:
         assert set(COLUMNS) <= set(r) and r["n"] == 8
         assert real(r["checkpoint"]) == real(smoke / expect[r["name"]] / "latest"), r
         assert 0 <= r["format_rate"] <= 100 and r["tool_calls"] >= 0
-    assert [r["mode"] for r in rows] == ["direct", "chat", "chat", "chat", "chat"]
-    assert [r["inquiry"] for r in rows] == [True, True, True, True, False]
+    assert [r["mode"] for r in rows] == ["direct", "chat", "chat", "chat", "chat", "chat"]
+    assert [r["inquiry"] for r in rows] == [True, True, True, True, False, True]
+    assert [r["blank_crops"] for r in rows] == [False] * 5 + [True]
     lines = [json.loads(ln) for ln in open(smoke / "demo" / "no_inquiry.jsonl")]
     assert len(lines) == 8 and all(ln["inquiry"] is False and all(c["query"] == "" for c in ln["crops"])
                                    for ln in lines)
+    grpo_log = [json.loads(ln)["reward"] for ln in open(smoke / "grpo" / "log.jsonl")]
+    assert rows[2]["train_reward_first_fifth"] == grpo_log[0] and rows[2]["train_reward_last_fifth"] == grpo_log[-1]
+    probes = json.load(open(smoke / "demo" / "probes.json"))
+    assert list(probes) == ["base", "sft", "grpo"]
+    for stage in probes.values():
+        assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zw.PROBES), stage
     table = open(smoke / "demo" / "results.md").read()
     assert all(f"| {r} |" in table for r in ROWS)
     before = {p: os.path.getmtime(p) for p in (smoke / "sft" / "latest" / "meta.json", smoke / "demo" / "chat.jsonl")}
@@ -373,3 +380,33 @@ def test_scripts_know_nothing_of_the_demo(script, capsys):
     with open(os.path.join(ROOT, script + ".py")) as f:
         imports = [ln.split()[1] for ln in f if ln.startswith(("import ", "from "))]
     assert not {"sft", "grpo", "eval", "bench", "zoom_world"} & set(imports), imports
+
+
+def test_probes_swap_one_slot_and_score_it(tmp_path):
+    """probe_candidates: one candidate is the gold record, the others differ from it only in the
+    probed step's think, at the probed value. slot_scores equals, per candidate, the log-probs of
+    the differing tokens read off a plain full forward of that candidate alone."""
+    from rollout import load
+    world = zw.make_world(str(tmp_path / "zoom"), n_train=0, n_eval=12)
+    zw.build_tiny_base(str(tmp_path / "base"))
+    model, ct = load(str(tmp_path / "base"))
+    recs = [rec for _, rec in data.read_jsonl(world["eval"])[0] if zw.probe_candidates(rec)]
+    assert recs and all(r["category"] == "single" for r in recs)
+    for rec in recs[:2]:
+        for probe, (cands, gold) in zw.probe_candidates(rec).items():
+            assert cands[gold] == rec, probe
+            k = 0 if probe != "reading" else len(rec["steps"]) - 1
+            for c in cands:
+                assert [s for j, s in enumerate(c["steps"]) if j != k] == [s for j, s in enumerate(rec["steps"]) if j != k]
+            assert len({c["steps"][k]["think"] for c in cands}) == len(cands)
+            samples = [data.render_sample(c, "x", world["image_root"], ct) for c in cands]
+            got = zw.slot_scores(model, samples)
+            ids = [s["input_ids"].tolist() for s in samples]
+            pre = next(i for i in range(len(ids[0])) if len({x[i] for x in ids}) > 1)
+            suf = next(i for i in range(len(ids[0])) if len({x[len(x) - 1 - i] for x in ids}) > 1)
+            for s, row, g in zip(samples, ids, got):
+                with torch.no_grad():
+                    logp = model(s["input_ids"][None], s["pixel_values"], s["grid_thw"], s["query_ids"],
+                                 s["query_mask"], s["image_to_query"])[0].log_softmax(-1)
+                want = sum(logp[t - 1, row[t]] for t in range(pre, len(row) - suf))
+                assert abs(float(g) - float(want)) < 1e-4, (probe, float(g), float(want))
