@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -37,8 +36,8 @@ import reward
 import rollout
 from data import Context, RecordError
 from model import config_to_hf
-from training import (build_model, dist_setup, dist_teardown, make_optimizer, open_log, print0, resolve_checkpoint,
-                      restore, save, start_point, warn)
+from training import (PAD, build_model, dist_setup, dist_teardown, make_optimizer, open_log, padded, print0,
+                      rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
 
 
 # -----------------------------------------------------------------------------
@@ -156,38 +155,6 @@ def to_device(enc, device):
     return {k: v.to(device) for k, v in enc.items()}
 
 
-PAD = 0  # any text token: right padding is inert under causal attention, and its targets are -100
-
-
-def micro_batches(lengths, budget, n_groups=None):
-    """Trajectories grouped for one forward each, shortest first so that little is padded: a
-    group's padded size (rows x its longest row) stays within `budget` tokens, a longer
-    trajectory alone; budget 0: one trajectory per group. n_groups: the largest groups are
-    halved until there are that many (every rank must run the same number of forwards, for
-    FSDP's collectives). Returns lists of indices into lengths."""
-    groups = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        n = lengths[i]
-        g = groups[-1] if groups else []
-        if g and budget > 0 and (len(g) + 1) * max([n] + [lengths[j] for j in g]) <= budget:
-            g.append(i)
-        else:
-            groups.append([i])
-    while n_groups is not None and len(groups) < n_groups:
-        k = max(range(len(groups)), key=lambda k: len(groups[k]))
-        assert len(groups[k]) > 1, f"{len(lengths)} trajectories do not make {n_groups} micro-batches"
-        groups[k:k + 1] = [groups[k][:len(groups[k]) // 2], groups[k][len(groups[k]) // 2:]]
-    return groups
-
-
-def rank_micro_batches(batch, budget, device):
-    """This rank's micro-batches (lists of items of `batch`), as many on every rank."""
-    lengths = [len(t["ids"]) for t in batch]
-    n = torch.tensor([len(micro_batches(lengths, budget))], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return [[batch[i] for i in g] for g in micro_batches(lengths, budget, int(n))]
-
-
 def batch_logprobs(model, items, device, entropy=False, temperature=1.0):
     """log pi(token_t | <t) at the policy tokens of a micro-batch of trajectories, as (rows, T-1)
     right padded, 0 wherever the policy mask is 0: the same ids the sampler produced, every image
@@ -207,11 +174,6 @@ def batch_logprobs(model, items, device, entropy=False, temperature=1.0):
                                temperature=temperature)
     scatter = lambda v: torch.zeros(pick.shape, dtype=v.dtype, device=device).masked_scatter(pick, v[0])  # noqa: E731
     return tuple(map(scatter, out)) if entropy else scatter(out)
-
-
-def padded(items, key, width, device):
-    """(rows, width) from each item's 1-D tensor `key`, zero padded on the right."""
-    return torch.stack([F.pad(t[key], (0, width - t[key].shape[0])) for t in items]).to(device)
 
 
 def gathered_advantages(rewards, mine, P, G, device):

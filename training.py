@@ -9,6 +9,8 @@ algorithm (nanochat's common.py + checkpoint_manager.py in one file):
 - the AdamW optimizer and the warmup + cosine LR schedule;
 - checkpoints: atomic writes (temp folder renamed into place, then `latest` swapped), the
   per-rank RNG states, the sharded optimizer state, and --resume (start_point, restore);
+- micro-batches: sequences grouped by padded tokens into right-padded forwards, as many on every
+  rank (sft.py's samples, grpo.py's trajectories);
 - the run's JSONL log, cut back to the checkpoint's step on resume (the later steps are redone).
 
 Checkpoint layout (every write goes to a temp dir that is renamed into place, then `latest` is
@@ -31,6 +33,7 @@ import shutil
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -156,6 +159,47 @@ def lr_at(step, total, peak, warmup):
     if step < n_warm:
         return peak * (step + 1) / n_warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, total - n_warm)))
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches: several sequences in one forward (sft.py's samples, grpo.py's trajectories)
+
+PAD = 0  # any text token: right padding is inert under causal attention, and its targets are -100
+
+
+def micro_batches(lengths, budget, n_groups=None):
+    """Sequences grouped for one forward each, shortest first so that little is padded: a
+    group's padded size (rows x its longest row) stays within `budget` tokens, a longer
+    sequence alone; budget 0: one sequence per group. n_groups: the largest groups are
+    halved until there are that many (every rank must run the same number of forwards, for
+    FSDP's collectives). Returns lists of indices into lengths."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        g = groups[-1] if groups else []
+        if g and budget > 0 and (len(g) + 1) * max([n] + [lengths[j] for j in g]) <= budget:
+            g.append(i)
+        else:
+            groups.append([i])
+    while n_groups is not None and len(groups) < n_groups:
+        k = max(range(len(groups)), key=lambda k: len(groups[k]))
+        assert len(groups[k]) > 1, f"{len(lengths)} sequences do not make {n_groups} micro-batches"
+        groups[k:k + 1] = [groups[k][:len(groups[k]) // 2], groups[k][len(groups[k]) // 2:]]
+    return groups
+
+
+def rank_micro_batches(batch, budget, device, key="ids"):
+    """This rank's micro-batches (lists of items of `batch`, an item's length that of its
+    `key`), as many on every rank (a collective)."""
+    lengths = [len(t[key]) for t in batch]
+    n = torch.tensor([len(micro_batches(lengths, budget))], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return [[batch[i] for i in g] for g in micro_batches(lengths, budget, int(n))]
+
+
+def padded(items, key, width, device, value=0):
+    """(rows, width) from each item's 1-D tensor `key`, right padded with `value`."""
+    return torch.stack([F.pad(t[key], (0, width - t[key].shape[0]), value=value) for t in items]).to(device)
 
 
 # -----------------------------------------------------------------------------

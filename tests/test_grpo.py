@@ -133,7 +133,7 @@ def test_one_and_two_processes_and_any_micro_batch_give_the_same_update(tmp_path
 
 
 def test_micro_batches_by_padded_tokens():
-    from grpo import micro_batches
+    from training import micro_batches  # (sft.py's micro-batches too)
     lengths = [300, 500, 400, 1200, 100, 100, 100]
     shortest_first = [4, 5, 6, 0, 2, 1, 3]  # so that little is padded
     assert micro_batches(lengths, 0) == [[i] for i in shortest_first]

@@ -91,25 +91,71 @@ def final_weights(out_dir):
     return load_file(os.path.join(out_dir, f"step_{STEPS:06d}", "model.safetensors"))
 
 
+def log_rows(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_two_ranks_match_one(world, baseline):
-    # 2 ranks x 2 micro-batches vs 1 rank x 4 (same global batch of 4): the loss is the
-    # token-weighted mean over the global batch, so the curves agree. Activation checkpointing
-    # on here, off in the baseline: it must not change the numbers either.
+    # 2 ranks x 2 samples vs 1 rank x 4 (same global batch of 4): the loss is the token-weighted
+    # mean over the global batch, so the curves agree. Activation checkpointing on here, off in
+    # the baseline: it must not change the numbers either. The baseline runs the default
+    # --micro-batch-tokens (a step's 4 samples in one forward); this run's steps 1-3 take 1000
+    # (a rank's 2 samples share a forward when both are under 500 tokens, the dropped sample's
+    # dummy included, and a rank whose pair does not fit makes the other rank split its pair), its
+    # steps 4-5 one sample per forward: the flag is not a resume key, it changes no number.
     # The 2-rank run is cut after step 3 and resumed: its sharded optimizer state round-trips.
     out = str(world["root"] / "two_ranks")
-    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--stop-at-step", "3"], cwd=world["root"],
-             nproc=2)
+    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--stop-at-step", "3",
+                              "--micro-batch-tokens", "1000"], cwd=world["root"], nproc=2)
     assert sorted(os.listdir(os.path.join(out, "step_000003", "optim"))) == [
         "rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors"]
     with pytest.raises(SystemExit, match="world size"):  # per-rank shards: resume on the world size that saved them
         run(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--resume"], cwd=world["root"])
-    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--resume"], cwd=world["root"], nproc=2)
+    torchrun(world["args"] + ["--out-dir", out, "--activation-checkpointing", "--resume", "--micro-batch-tokens", "0"],
+             cwd=world["root"], nproc=2)
     a, b = losses(out), losses(baseline)
     assert len(a) == STEPS and rel_diff(a, b) <= 1e-4, (a, b)
-    with open(os.path.join(out, "log.jsonl")) as f:
-        assert sum(json.loads(line)["skipped"] for line in f) == 1  # the overlong sample, dropped once
+    rows, base = log_rows(out), log_rows(baseline)
+    assert sum(r["skipped"] for r in rows) == 1  # the overlong sample, dropped once
+    assert [r["forwards"] for r in base] == [1] * STEPS
+    assert min(r["forwards"] for r in rows[:3]) == 1 and [r["forwards"] for r in rows[3:]] == [2, 2]
+    assert rel_diff([r["grad_norm"] for r in rows], [r["grad_norm"] for r in base]) <= 1e-4
     wa, wb = final_weights(out), final_weights(baseline)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wb) < 1e-4
+
+
+def test_any_micro_batch_size_gives_the_same_gradients(world, monkeypatch):
+    """--micro-batch-tokens N: a step's samples grouped shortest first into right-padded
+    micro-batches (one vision-encoder call, one LM forward each) give every step the gradient of
+    one sample per forward (N = 0): N = 1000 (2-3 forwards of 1-3 samples; step 1 holds the
+    dropped sample's dummy), the default and 10**6 (one forward of 4). lr 0 keeps the weights,
+    so each of the 5 steps compares a different batch at the same point."""
+    grads, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def capture(params, *a, **k):  # the full gradient of every step, before clipping
+        grads.append([None if p.grad is None else getattr(p.grad, "full_tensor", lambda: p.grad)().clone()
+                      for p in params])
+        return clip(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    res = {}
+    for n in ("0", "1000", None, "1000000"):
+        grads.clear()
+        out = str(world["root"] / f"micro_{n}")
+        run(world["args"] + ["--out-dir", out, "--no-activation-checkpointing", "--lr", "0", "--save-every", "0"]
+            + (["--micro-batch-tokens", n] if n else []), cwd=world["root"])
+        res[n] = log_rows(out), list(grads)
+    rows, ref = res["0"]
+    assert len(ref) == STEPS and [r["forwards"] for r in rows] == [4] * STEPS and rows[0]["skipped"] == 1
+    assert [r["forwards"] for r in res[None][0]] == [r["forwards"] for r in res["1000000"][0]] == [1] * STEPS
+    assert all(1 <= r["forwards"] <= 3 for r in res["1000"][0]) and any(r["forwards"] > 1 for r in res["1000"][0])
+    scale = max(g.abs().max().item() for step in ref for g in step if g is not None)
+    for n in ("1000", None, "1000000"):
+        assert rel_diff([r["loss"] for r in res[n][0]], [r["loss"] for r in rows]) <= 1e-5, n
+        for s, (got, want) in enumerate(zip(res[n][1], ref, strict=True)):
+            for i, (g, w) in enumerate(zip(got, want, strict=True)):
+                assert (g is None) == (w is None) and (w is None or (g - w).abs().max() <= 1e-5 * scale), (n, s, i)
 
 
 def test_killed_mid_save_then_resume_is_exact(world, baseline, monkeypatch):
