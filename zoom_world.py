@@ -625,10 +625,11 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 PRESETS = {
     "tiny": dict(  # the README's demo: `python zoom_world.py`
         world=dict(n_train=3072, n_eval=128, seed=0),
-        # batch 2 on purpose: each sample is its own micro-batch anyway, so batch 2 costs what
-        # batch 8 does per sample but gives 4x the optimizer steps, and the tiny model's copying
-        # skills only formed with more steps (measured: 384 steps of 8 left the card's colour at
-        # chance, 7/33). The paper's 1e-5 moves a random tiny model far too slowly.
+        # batch 2 on purpose: a sample costs about the same at batch 2 as at batch 8 (sft.py's
+        # micro-batching gains ~1.1-1.2x on this CPU: the work is compute, not per-call overhead),
+        # but batch 2 gives 4x the optimizer steps, and the tiny model's copying skills only formed
+        # with more steps (measured: 384 steps of 8 left the card's colour at chance, 7/33). The
+        # paper's 1e-5 moves a random tiny model far too slowly.
         sft="--lr 1e-3 --global-batch 2 --epochs 1 --no-activation-checkpointing",
         # lr 5e-5: at 5e-4 GRPO collapsed the policy within 25 steps (reward 0.53 -> 0.00)
         grpo="--steps 30 --prompts-per-step 8 --group-size 4 --max-turn-tokens 256 --max-new-tokens 512 "
