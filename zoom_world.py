@@ -140,8 +140,6 @@ class ZoomWorldConfig:
     dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
     dot_count: tuple = (1, 6)  # dots on a card, inclusive range
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
-    position_tint: int = 0  # amplitude (grey levels) of a colour ramp over the whole image: red rises left to
-    #   right, blue top to bottom, so every patch shows where it is (see _render)
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
     n_cards: tuple = (2, 4)  # cards per image, inclusive range; at most len(COLORS) and the cell count
     n_clutter: tuple = (15, 30)  # background clutter shapes per image, inclusive range
@@ -376,12 +374,6 @@ def _render(rng, cfg, r, cards):
         m = _mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
         sub = a[label[1]:label[3], label[0]:label[2]]
         sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
-    if cfg.position_tint:
-        ramp = np.linspace(-cfg.position_tint, cfg.position_tint, OW)
-        tint = np.zeros((OH, OW, 3))
-        tint[..., 0] += ramp[None, :]
-        tint[..., 2] += np.linspace(-cfg.position_tint, cfg.position_tint, OH)[:, None]
-        a = np.clip(a + tint, 0, 255).astype(np.uint8)
     return Image.fromarray(a)
 
 
