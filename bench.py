@@ -25,10 +25,19 @@ Benchmarks. One subcommand per benchmark, one function per subcommand (cmd_<name
         --batches (default 1, 8, 32) x --new-tokens (default 32, 256). The last line reads
         `rollout speed-up vs generate: min X.XXx, max Y.YYx`.
 
+    python bench.py plan sft|grpo [--world-size 8]
+        Will it fit? The peak memory per GPU of one SFT or GRPO step of the real configuration
+        (default: the shipped 7B config files) sharded over --world-size GPUs, measured on fake
+        tensors in this CPU process (memplan.py): the table of parameters, gradients, optimizer
+        state, gathered weights, all-gather buffers, activations and inputs (GRPO: the rollout's
+        prefill and its KV cache at --max-context, then the learner), ending with
+        `peak per GPU: X.X GiB`. --real runs the same step on real tensors (torchrun).
+
 Only measured numbers are printed; FLOP and byte counts are formulas, stated in the functions.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -579,6 +588,46 @@ def cmd_rollout(args):
     print(f"rollout speed-up vs generate: min {min(ratios):.2f}x, max {max(ratios):.2f}x")
 
 
+# -----------------------------------------------------------------------------
+# plan: will it fit? (memplan.py)
+
+PLAN_DEFAULTS = {  # the sample of the paper's setting, per script (see the plan subparser's help)
+    "sft": dict(images="32x32", crops="124x256"),
+    "grpo": dict(images="128x256", crops="160x160"),
+}
+
+
+def cmd_plan(args):
+    """Peak memory per GPU of one step at --world-size, on fake tensors in this process; with
+    --real, on real tensors of this machine's device (torchrun for a world > 1)."""
+    import memplan
+    import training
+    torch.set_num_threads(args.threads)
+    cfg = config_from_hf(read_json(args.config), read_json(args.embedder_config) if args.embedder_config else None,
+                         args.config)
+    images, crops = args.images or PLAN_DEFAULTS[args.kind]["images"], args.crops or PLAN_DEFAULTS[args.kind]["crops"]
+    spec = argparse.Namespace(seq_len=args.seq_len, prompt_tokens=args.prompt_tokens, originals=parse_images(images),
+                              crops=[] if crops == "none" else parse_images(crops), inquiry=args.inquiry_tokens,
+                              micro_batches=args.micro_batches)
+    flags = args.flags.split()
+    if not args.real:
+        text, result = memplan.plan(args.kind, cfg, args.world_size, spec, flags)
+        print(text)
+    else:
+        rank, world, device = training.dist_setup()
+        try:
+            text, result = memplan.plan(args.kind, cfg, world, spec, flags, device=device.type, real=True)
+            training.print0(text)
+            if device.type == "cuda":  # (not yet run: no GPU was lent to the session that wrote this)
+                training.print0(f"torch.cuda.max_memory_allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB,"
+                                f" max_memory_reserved: {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
+        finally:
+            training.dist_teardown()
+    if args.json and int(os.environ.get("RANK", 0)) == 0:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -618,6 +667,37 @@ def main():
     p.add_argument("--iters", type=int, default=3, help="timed runs (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("plan", help="will it fit? peak memory per GPU of one SFT or GRPO step at --world-size, "
+                                    "measured on fake tensors on this CPU (memplan.py)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("kind", choices=["sft", "grpo"])
+    configs = os.path.join(SHARED, "fixtures", "configs")
+    p.add_argument("--config", default=os.path.join(configs, "qwen2_5_vl_7b_instruct.config.json"),
+                   help="the model's config.json (Qwen2.5-VL or ViLaVT)")
+    p.add_argument("--embedder-config", default=os.path.join(configs, "qwen3_embedding_0_6b.config.json"),
+                   help="the Qwen3-Embedding config.json ('' for a ViLaVT or vanilla config alone)")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs the step is sharded over (FSDP2)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens of a sample (default: sft --max-length, 24,576; grpo --max-context, 16,384)")
+    p.add_argument("--images", default=None,
+                   help="the originals' patch grids HxW (4 patches a token). Default sft 32x32: one 256-token original "
+                        "(the release's --max-pixels); grpo 128x256: the whole 8,192-token budget")
+    p.add_argument("--crops", default=None,
+                   help="one tool call's crops, one encoder group with the inquiry ('none': no tool call). Default sft "
+                        "124x256 (7,936 tokens: 8,192 visual in all); grpo 160x160 (6,400: the largest that leaves "
+                        "1,275 policy tokens in the trajectory)")
+    p.add_argument("--inquiry-tokens", type=int, default=50, help="the tool call's inquiry (its cap: 50)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="a prompt's text (Figures 15/16 + question: ~500)")
+    p.add_argument("--micro-batches", type=int, default=2,
+                   help="micro-batches before the optimizer step (the 3rd and later repeat the 2nd's memory)")
+    p.add_argument("--flags", default="", help="the script's flags on top of its defaults, e.g. '--max-context 8192'")
+    p.add_argument("--real", action="store_true",
+                   help="real tensors on this machine's device, random weights (torchrun for a world > 1; "
+                        "--world-size is then torchrun's): the same step, measured by the same tracker")
+    p.add_argument("--json", help="also write the breakdown, in bytes per phase and category, to this file")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.set_defaults(func=cmd_plan)
 
     args = ap.parse_args()
     if args.cmd == "model" and args.arch is None:
