@@ -35,6 +35,7 @@ import plots
 import reward
 import rollout
 from data import Context, RecordError
+from pixels import FACTOR, display_of, image_size
 from model import config_to_hf
 from training import (PAD, build_model, dist_setup, dist_teardown, make_optimizer, open_log, padded, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
@@ -105,11 +106,35 @@ def prompt_order(step, P, n, seed):
     return [int(perms[p // n][p % n]) for p in positions]
 
 
-def load_prompts(path, image_root, skip_bad):
+def load_prompts(path, image_root, skip_bad, ct, budget, max_context):
+    """The records, each checked at load (data.check_record: fields, image headers) and its prompt
+    measured against max_context, so that no step of the run stops on a prompt that cannot fit:
+    a bad one stops the run now, naming file:line, or with skip_bad is skipped and counted."""
     recs, n_bad = data.read_jsonl(path, skip_bad, warn, image_root=image_root, need_answer=True)
-    if not recs:
+    fits = []
+    for where, rec in recs:
+        n = prompt_tokens(rec, where, image_root, ct, budget)
+        if n + 1 < max_context:  # the rollout's own bound (rollout.rollout)
+            fits.append((where, rec))
+            continue
+        msg = f"{where}: field 'prompt': {n} tokens with its images, no room under --max-context {max_context}"
+        if not skip_bad:
+            raise RecordError(msg)
+        n_bad += 1
+        warn(f"skipping bad record: {msg}")
+    if not fits:
         raise SystemExit(f"{path}: no usable records")
-    return recs, n_bad
+    return fits, n_bad
+
+
+def prompt_tokens(rec, where, image_root, ct, budget):
+    """Tokens of a record's prompt as the rollout will write it, its images' sizes from the files'
+    headers (no pixel decoded), sized by the rule Context.of applies."""
+    sizes = [image_size(os.path.join(image_root, p)) for p in data.image_paths(rec, budget.max_frames)]
+    orig_max, _, min_pixels = Context.caps(len(sizes), budget, rec.get("max_pixels"))
+    displays = [display_of(s, min_pixels, orig_max) for s in sizes]
+    parts = data.prompt_parts(displays, **data.record_prompt(rec))
+    return len(ct.encode_parts(parts, [(w // FACTOR) * (h // FACTOR) for w, h in displays]))
 
 
 def make_prompt(where, rec, image_root, budget):
@@ -340,7 +365,7 @@ def train(args, rank, world, device):
     ct = data.ChatTokenizer.load(model_dir, cfg)
     # a record's own max_pixels (e.g. the zoom world's display size) wins over --max-pixels
     budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
-    records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad)
+    records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad, ct, budget, args.max_context)
     limits = rollout.Limits(max_tool_calls=args.max_tool_calls, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
     opt = make_optimizer(model, args)

@@ -348,7 +348,7 @@ def test_a_record_whose_pixels_fail_mid_run_is_skipped_or_stops(tmp_path, tokeni
     assert row["skipped"] == 1
 
 
-def test_a_prompt_that_cannot_render_is_refused_at_load(tmp_path):
+def test_a_prompt_that_cannot_render_is_refused_at_load(tmp_path, tokenizer):
     """A record whose own user turn places more '<image>'s than it has images loaded fine and
     stopped GRPO in its rollout, mid-run, with a bare ValueError (issue 14, item 13): it is
     refused at load naming file:line and the field, or with --skip-bad skipped and counted."""
@@ -359,7 +359,40 @@ def test_a_prompt_that_cannot_render_is_refused_at_load(tmp_path):
     good = dict(images=["a.png"], question="How many?", problem_type="numerical", answer="3")
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (good, dict(good, prompt="<image><image> How many?"))))
+    from data import Budget, ChatTokenizer
+    ct = ChatTokenizer(tokenizer)
     with pytest.raises(RecordError, match=re.escape(f"{path}:2: field 'prompt'")):
-        grpo.load_prompts(str(path), str(tmp_path), skip_bad=False)
-    recs, n_bad = grpo.load_prompts(str(path), str(tmp_path), skip_bad=True)
+        grpo.load_prompts(str(path), str(tmp_path), False, ct, Budget(), 4096)
+    recs, n_bad = grpo.load_prompts(str(path), str(tmp_path), True, ct, Budget(), 4096)
     assert [w for w, _ in recs] == [f"{path}:1"] and n_bad == 1
+
+
+def test_a_prompt_longer_than_max_context_is_refused_at_load(tmp_path, tokenizer):
+    """A prompt that cannot fit --max-context stopped GRPO mid-run at the rollout's assert. Its
+    length is measured at load, its images sized from their headers as the rollout sizes them
+    (prompt_tokens = the rollout's own prompt ids), and it is refused naming file:line and the
+    field, or with --skip-bad skipped and counted."""
+    import data
+    import grpo
+    from PIL import Image
+    from data import Budget, ChatTokenizer, read_jsonl
+    Image.new("RGB", (56, 56)).save(tmp_path / "small.png")
+    Image.new("RGB", (560, 560)).save(tmp_path / "big.png")  # 400 visual tokens
+    rec = dict(question="How many?", problem_type="numerical", answer="3")
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(dict(rec, images=[p])) + "\n" for p in ("small.png", "big.png")))
+    ct, budget = ChatTokenizer(tokenizer), Budget()
+    recs = read_jsonl(str(path))[0]
+    lengths = [grpo.prompt_tokens(r, w, str(tmp_path), ct, budget) for w, r in recs]
+    for (w, r), n in zip(recs, lengths):  # the rollout writes exactly this many prompt tokens
+        p = grpo.make_prompt(w, r, str(tmp_path), budget)
+        ctx = data.Context.of(p.images, budget, p.max_pixels)
+        parts = data.prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
+        assert n == len(ct.encode_parts(parts, [v.n_tokens for v in ctx.views]))
+    assert lengths[1] > lengths[0] + 390
+    limit = lengths[1]  # the big one needs lengths[1] + 2 slots
+    with pytest.raises(data.RecordError, match=re.escape(f"{path}:2: field 'prompt': {lengths[1]} tokens")):
+        grpo.load_prompts(str(path), str(tmp_path), False, ct, budget, limit)
+    kept, n_bad = grpo.load_prompts(str(path), str(tmp_path), True, ct, budget, limit)
+    assert [w for w, _ in kept] == [f"{path}:1"] and n_bad == 1
+    assert len(grpo.load_prompts(str(path), str(tmp_path), False, ct, budget, lengths[1] + 2)[0]) == 2
