@@ -17,8 +17,9 @@ colours also listed in the question: the lookup without vision), "caption" (the 
 cards, in a fixed order: a read-out with no question to follow), "dense" (each cell's colour, cells
 in reading order), "ground" (where is the red card? one of 4 cells), "cotground" (the dense caption,
 then the cell of the asked card: grounding by looking the colour up in its own caption), "read"
-(count the dots on the red card in the gold zoom, 1-6), and mixes: "mix" trains caption + ground,
-"cot" trains dense + cotground (both evaluate the second).
+(count the dots on the red card in the gold zoom, 1-6), "ground1" (where is the card, the asked
+card alone in the scene), and mixes: "mix" trains caption + ground, "cot" dense + cotground,
+"curriculum" ground1 + ground (each evaluates the second).
 Features (what the LM gets in place of the vision tower's): the tower itself (default; trained
 unless --freeze-vision), or --oracle: hand-made features, per token the sum of a random vector per
 card colour covering it plus a background vector (--oracle-pos adds one of 4 random vectors per
@@ -36,6 +37,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,7 +48,8 @@ from model import ViLaVT, tiny_config  # noqa: E402
 
 ap = argparse.ArgumentParser(description="train a tiny ViLaVT on one perception task; print held-out accuracy")
 ap.add_argument("--task", default="ground", help="present, present_text, caption, dense, ground, cotground, read, "
-                                                 "mix (caption + ground), cot (dense + cotground)")
+                                                 "ground1, mix (caption + ground), cot (dense + cotground), "
+                                                 "curriculum (ground1 + ground)")
 ap.add_argument("--world", default="{}", help="ZoomWorldConfig fields as JSON, e.g. '{\"card_border\": 12}'")
 ap.add_argument("--n-train", type=int, default=8000)
 ap.add_argument("--n-eval", type=int, default=200)
@@ -58,6 +61,8 @@ ap.add_argument("--freeze-vision", action="store_true", help="the tower stays at
 ap.add_argument("--rope-theta", type=float, help="the LM's rope_theta (tiny_config: 1e6)")
 ap.add_argument("--merger-scale", type=float, default=1.0, help="multiply the merger's last layer at init")
 ap.add_argument("--question-first", action="store_true", help="the question before the image")
+ap.add_argument("--ramp", type=int, default=0, help="add a colour ramp of this amplitude to every image: red grows "
+                                                    "left to right, blue top to bottom (a position cue in the pixels)")
 ap.add_argument("--colour-first", action="store_true", help="dense captions name the colour, then the cell")
 ap.add_argument("--oracle", action="store_true", help="hand-made features instead of the tower's (docstring)")
 ap.add_argument("--oracle-pos", action="store_true", help="oracle features also say the quadrant")
@@ -125,8 +130,10 @@ def make_task(task, rng):
             alt[p] = others[int(rng.integers(len(others)))]
             cands.append(caption_text(alt))
         q, gold = "Which color is in each cell?", 0
-    elif task in ("ground", "cotground"):
+    elif task in ("ground", "cotground", "ground1"):
         cards = zw._scene(rng, cfgw, r, "dots", [color], {})
+        if task == "ground1":  # the asked card alone: where-is needs no colour match, only a position read-out
+            cards = [c for c in cards if c["color"] == color]
         cell, cap = dense_caption(cards)
         pre = cap + " " if task == "cotground" else ""
         q, cands = f"Where is the {color} card?", [f"{pre}The {color} card is {p} of image 0." for p in CELLS]
@@ -147,7 +154,7 @@ def make_task(task, rng):
 
 def make(i, split):
     rng = np.random.default_rng([args.seed, split, i])
-    mix = {"mix": ("caption", "ground"), "cot": ("dense", "cotground")}.get(args.task)
+    mix = {"mix": ("caption", "ground"), "cot": ("dense", "cotground"), "curriculum": ("ground1", "ground")}.get(args.task)
     if mix is None:
         return make_task(args.task, rng)
     return make_task(mix[1] if split == 1 or i % 2 else mix[0], rng)  # eval: the second task only
@@ -159,6 +166,11 @@ def render(img, q, think):
     prompt = f"Question: {q}\n<image>" if args.question_first else f"<image>{q}"
     rec = {"images": ["in memory"], "question": q, "system": "Look.", "prompt": prompt,
            "steps": [{"think": think, "answer": "done"}], "max_pixels": cfgw.display_max_pixels}
+    if args.ramp:
+        a = np.asarray(img).astype(float)
+        a[..., 0] += np.linspace(-args.ramp, args.ramp, a.shape[1])[None, :]
+        a[..., 2] += np.linspace(-args.ramp, args.ramp, a.shape[0])[:, None]
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     with mock.patch.object(data, "load_originals", lambda *a: [img]):
         s = render_sample(rec, "lab", "/", ct, Budget())
     return {k: v for k, v in s.items() if k not in ("context", "text")}
