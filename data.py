@@ -339,6 +339,10 @@ class View:
         return n_visual_tokens(self.grid_thw)
 
 
+# the keys of Context.encoder_inputs: what the vision encoder takes for a trajectory's images
+ENCODER_KEYS = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")
+
+
 class Context:
     """Originals and crops of one trajectory in index order, with their encoder groups and the
     inquiry of each group (originals: ''). Crops follow the SPEC 3 crop rule."""

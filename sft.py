@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import release
-from data import Budget, ChatTokenizer, Context, TrajectoryDataset
+from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, TrajectoryDataset
 from model import config_to_hf
 from training import (PAD, build_model, dist_setup, dist_teardown, lr_at, make_optimizer, open_log, padded, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
@@ -109,7 +109,6 @@ RESUME_KEYS = ("data", "image_root", "import_release", "epochs", "max_steps", "g
 # -----------------------------------------------------------------------------
 # Data: a seeded permutation per epoch; global position p -> (epoch p // N, sample perm_epoch[p % N])
 
-ENCODER_KEYS = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")  # Context.encoder_inputs
 SAMPLE_KEYS = ("input_ids", "labels") + ENCODER_KEYS
 
 

@@ -37,9 +37,9 @@ from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
 import rollout  # its checkpoint loader
-from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM, SYSTEM_PROMPT,
-                  TOOL_FORMAT, Budget, Context, format_question, images_header, observation_parts, prompt_parts, read_jsonl,
-                  render_sample, train_tokenizer)
+from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, ENCODER_KEYS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM,
+                  SYSTEM_PROMPT, TOOL_FORMAT, Budget, Context, format_question, images_header, observation_parts,
+                  prompt_parts, read_jsonl, render_sample, train_tokenizer)
 from eval import final_answer, load_bench, read_results, results_files, score_answer
 from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
@@ -807,7 +807,6 @@ def demo_metrics(questions, lines):
 # {value} dots"), after the zoom.
 
 PROBES = ("copy", "grounding", "reading")
-ENCODER_KEYS = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")  # data.Context.encoder_inputs
 
 
 def probe_candidates(rec, cfg=ZoomWorldConfig()):

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import zoom_world as zw  # noqa: E402
-from data import Budget, ChatTokenizer, Context, render_sample  # noqa: E402
+from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, render_sample  # noqa: E402
 from model import ViLaVT, tiny_config  # noqa: E402
 
 ap = argparse.ArgumentParser(description="train a tiny ViLaVT on one perception task; print held-out accuracy")
@@ -250,8 +250,8 @@ def logprobs(items):
         h = model.hidden_states(ids, grid_thw=torch.cat([s["grid_thw"] for s in items]),
                                 image_embeds=torch.cat([s["features"] for s in items]))
     else:
-        keys = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")
-        h = model.hidden_states(ids, **Context.merge_encoder_inputs([{k: s[k] for k in keys} for s in items]))
+        enc = Context.merge_encoder_inputs([{k: s[k] for k in ENCODER_KEYS} for s in items])
+        h = model.hidden_states(ids, **enc)
     return model.token_logprobs(h, targets)
 
 
