@@ -579,6 +579,14 @@ def check_record(rec, where, image_root=None, need_steps=False, need_answer=True
     return rec
 
 
+def original_displays(rec, image_root, budget):
+    """(file sizes, display sizes) of a record's originals, (W, H) each, from the files' headers
+    alone: the sizes Context.of gives them (Context.caps, then preprocess_image's resize)."""
+    sizes = [image_size(os.path.join(image_root, p)) for p in image_paths(rec, budget.max_frames)]
+    orig_max, _, min_pixels = Context.caps(len(sizes), budget, rec.get("max_pixels"))
+    return sizes, [display_of(s, min_pixels, orig_max) for s in sizes]
+
+
 def gold_displays(rec, where, image_root, budget):
     """The display sizes (W, H) of every image of a gold trajectory, originals then crops, from
     the files' headers and the crop rule's geometry alone (no pixel is decoded), with each gold
@@ -588,9 +596,9 @@ def gold_displays(rec, where, image_root, budget):
     Sizes follow Context: Context.caps for the budgets, pixels.display_of (preprocess_image's
     resize) for every image, pixels.crop_geometry (crop_image's rule) for the crops cut on the
     fly, the header of a pre-made crop file. The record's schema must have been checked."""
-    originals = [image_size(os.path.join(image_root, p)) for p in image_paths(rec, budget.max_frames)]
-    orig_max, crop_max, min_pixels = Context.caps(len(originals), budget, rec.get("max_pixels"))
-    views = [(i, (0.0, 0.0, 1.0, 1.0), display_of(size, min_pixels, orig_max)) for i, size in enumerate(originals)]
+    originals, displays = original_displays(rec, image_root, budget)
+    _, crop_max, min_pixels = Context.caps(len(originals), budget, rec.get("max_pixels"))
+    views = [(i, (0.0, 0.0, 1.0, 1.0), d) for i, d in enumerate(displays)]
     for k, s in enumerate(rec["steps"][:-1]):  # the last step's answer makes no call
         error = validate_tool_call(s["tool"], [v[2] for v in views])
         if error is not None:

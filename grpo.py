@@ -35,7 +35,7 @@ import plots
 import reward
 import rollout
 from data import Context, RecordError
-from pixels import FACTOR, display_of, image_size
+from pixels import FACTOR
 from model import config_to_hf
 from training import (PAD, build_model, dist_setup, dist_teardown, make_optimizer, open_log, padded, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
@@ -130,9 +130,7 @@ def load_prompts(path, image_root, skip_bad, ct, budget, max_context):
 def prompt_tokens(rec, where, image_root, ct, budget):
     """Tokens of a record's prompt as the rollout will write it, its images' sizes from the files'
     headers (no pixel decoded), sized by the rule Context.of applies."""
-    sizes = [image_size(os.path.join(image_root, p)) for p in data.image_paths(rec, budget.max_frames)]
-    orig_max, _, min_pixels = Context.caps(len(sizes), budget, rec.get("max_pixels"))
-    displays = [display_of(s, min_pixels, orig_max) for s in sizes]
+    _, displays = data.original_displays(rec, image_root, budget)
     parts = data.prompt_parts(displays, **data.record_prompt(rec))
     return len(ct.encode_parts(parts, [(w // FACTOR) * (h // FACTOR) for w, h in displays]))
 
