@@ -270,9 +270,14 @@ def _geometry(cfg):
 
 
 def _place(cfg, box):
-    """The place phrase of the grid cell holding a card box: a 3x3 grid has all nine phrases,
-    a 2x2 grid the four corners."""
-    (c, r), (cols, rows) = _cell(cfg, box), cfg.grid
+    """The place phrase of the grid cell holding a card box."""
+    return _cell_place(cfg, *_cell(cfg, box))
+
+
+def _cell_place(cfg, c, r):
+    """The place phrase of grid cell (column c, row r): a 3x3 grid has all nine phrases, a 2x2
+    grid the four corners."""
+    cols, rows = cfg.grid
     return PLACES[r * 2 // (rows - 1) * 3 + c * 2 // (cols - 1)]
 
 
@@ -818,8 +823,7 @@ def probe_candidates(rec, cfg=ZoomWorldConfig()):
     card = next(c for c in rec["scene"][0] if c["color"] in rec["question"].split())
     color, place = card["color"], rec["steps"][0]["think"].split("which is ")[1].split(" of image")[0]
     words = dict(_KIND[rec["mark"]], color=color)
-    places = [PLACES[r * 2 // (cfg.grid[1] - 1) * 3 + c * 2 // (cfg.grid[0] - 1)]
-              for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
+    places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
     values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if rec["mark"] == "dots" else list(range(1, 10))
 
     def swap(k, think):
@@ -842,9 +846,8 @@ def slot_scores(model, samples):
     differ (their common prefix and suffix are left out), teacher-forced in one padded batch
     (right padding is inert under causal attention)."""
     ids = [s["input_ids"].tolist() for s in samples]
-    pre = next(i for i in range(min(map(len, ids)) + 1) if i == min(map(len, ids)) or len({x[i] for x in ids}) > 1)
-    suf = next(i for i in range(min(map(len, ids)) - pre + 1)
-               if i == min(map(len, ids)) - pre or len({x[len(x) - 1 - i] for x in ids}) > 1)
+    pre = _common_prefix(ids)
+    suf = _common_prefix([row[pre:][::-1] for row in ids])
     T = max(map(len, ids))
     x = torch.zeros(len(ids), T, dtype=torch.long)  # pad with token 0, a text token
     targets = torch.full((len(ids), T), -100)
@@ -856,17 +859,23 @@ def slot_scores(model, samples):
         return model.token_logprobs(model.hidden_states(x, **enc), targets).sum(1)
 
 
+def _common_prefix(rows):
+    """Length of the longest prefix all rows share."""
+    n = min(map(len, rows))
+    return next((i for i in range(n) if len({row[i] for row in rows}) > 1), n)
+
+
 def probe_model(model_dir, bench, image_root, limit=None):
     """{probe: accuracy in percent, "n": records probed} for a checkpoint on held-out records."""
     model, ct = rollout.load(model_dir)
     model.eval()
     right = {p: [] for p in PROBES}
-    recs = [rec for _, rec in read_jsonl(bench)[0] if probe_candidates(rec)][:limit]
-    for i, rec in enumerate(recs):
-        for p, (cands, gold) in probe_candidates(rec).items():
-            samples = [render_sample(c, f"{bench}:{rec['id']}", image_root, ct) for c in cands]
+    probed = [(where, probes) for where, rec in read_jsonl(bench)[0] if (probes := probe_candidates(rec))][:limit]
+    for where, probes in probed:
+        for p, (cands, gold) in probes.items():
+            samples = [render_sample(c, where, image_root, ct) for c in cands]
             right[p].append(int(slot_scores(model, samples).argmax()) == gold)
-    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(recs))
+    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(probed))
 
 
 def train_reward_fifths(log_path):
