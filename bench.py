@@ -522,11 +522,12 @@ def cmd_rollout(args):
 
     import data
     import rollout
+    import tiny_tokenizer
     torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp()
     corpus = [data.SYSTEM_PROMPT, data.CHAT_INSTRUCTIONS, data.CONTINUE_NOTE] + [
         f"What is in picture number {i}? The index of the provided image is {i}." for i in range(10)]
-    tok = data.train_tokenizer(os.path.join(tmp, "tok"), corpus)
+    tok = tiny_tokenizer.train_tokenizer(os.path.join(tmp, "tok"), corpus)
     sp = {k: tok.convert_tokens_to_ids(t) for k, t in (("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>"),
           ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"), ("bos", "<|endoftext|>"), ("eos", "<|im_end|>"))}
     tiny_hf_checkpoint(os.path.join(tmp, "ckpt"), args.seed, vocab=len(tok), ids=sp)

@@ -39,7 +39,8 @@ from transformers import AutoTokenizer  # the tokenizer class only, no modeling 
 import rollout  # its checkpoint loader
 from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, ENCODER_KEYS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM,
                   SYSTEM_PROMPT, TOOL_FORMAT, Budget, Context, format_question, images_header, observation_parts,
-                  prompt_parts, read_jsonl, render_sample, train_tokenizer)
+                  prompt_parts, read_jsonl, render_sample)
+from tiny_tokenizer import train_tokenizer
 from eval import final_answer, load_bench, read_results, results_files, score_answer
 from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
@@ -67,7 +68,7 @@ def tokenizer_corpus():
 
 
 def build_tokenizer(out_dir):
-    """The demo's tokenizer (about 1000 tokens, Qwen's special tokens; data.train_tokenizer),
+    """The demo's tokenizer (about 1000 tokens, Qwen's special tokens; tiny_tokenizer.train_tokenizer),
     saved in out_dir; the tests use it too."""
     return train_tokenizer(out_dir, tokenizer_corpus())
 

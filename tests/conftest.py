@@ -16,10 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
-import data  # noqa: E402
+import tiny_tokenizer  # noqa: E402
 import zoom_world as zw  # noqa: E402
 
-SPECIALS = list(data.SPECIAL_TOKENS)
+SPECIALS = list(tiny_tokenizer.SPECIAL_TOKENS)
 
 # Tiny but not trivial: GQA, explicit Qwen3 head_dim, uneven M-RoPE sections, and a vision
 # depth of 18 so the release's schedule (full [7, 15], query-aware >= 16) exists at this size.

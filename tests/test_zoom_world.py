@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import pixels
+import tiny_tokenizer
 import eval as E
 import grpo
 import rollout
@@ -185,7 +186,7 @@ def test_build_tokenizer_is_deterministic_byte_level_and_compact(tmp_path):
     for name in sorted(os.listdir(tmp_path / "a")):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert len(a) <= 1024
-    for t in data.SPECIAL_TOKENS:
+    for t in tiny_tokenizer.SPECIAL_TOKENS:
         i = a.convert_tokens_to_ids(t)
         assert i != a.unk_token_id and a.convert_ids_to_tokens(i) == t
         assert a.encode(t, add_special_tokens=False) == [i]  # one token, never split
