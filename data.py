@@ -343,24 +343,55 @@ class View:
 ENCODER_KEYS = ("pixel_values", "grid_thw", "image_to_query", "query_ids", "query_mask")
 
 
+@dataclass(frozen=True)
+class Initial:
+    """How a sample's originals are encoded before the first turn: Eq. 1's f_0 = V(I, q_0).
+    The default is the paper's pipeline and the release's: each original its own group, no
+    inquiry. Section 4.4 (footnote 2, Figure 4) also encodes the whole visual input in one pass:
+    all originals in one group (`joint`: they attend to each other in the query-aware layers),
+    the question as the inquiry (`inquiry`), or both. The vanilla encoder has neither path, so
+    there both switches change nothing. sft.py, grpo.py and eval.py take them as
+    --initial-groups/--initial-inquiry (add_args), rollout.Prompt as its `initial`."""
+    joint: bool = False  # all originals in one encoder group, else one group each
+    inquiry: bool = False  # the question (without its options) is the originals' inquiry, else ''
+
+    def context(self, question):
+        """Context's keyword arguments for a sample whose question is `question`."""
+        return dict(joint=self.joint, inquiry=question if self.inquiry else "")
+
+    @staticmethod
+    def add_args(ap):
+        ap.add_argument("--initial-groups", choices=("per-image", "joint"), default="per-image",
+                        help="encoder groups of the original images: one each (the paper's pipeline) or all in "
+                             "one (section 4.4's single pass)")
+        ap.add_argument("--initial-inquiry", choices=("none", "question"), default="none",
+                        help="the originals' inquiry: none (the paper's pipeline) or the question (section 4.4)")
+
+    @classmethod
+    def from_args(cls, a):
+        return cls(joint=a.initial_groups == "joint", inquiry=a.initial_inquiry == "question")
+
+
 class Context:
     """Originals and crops of one trajectory in index order, with their encoder groups and the
-    inquiry of each group (originals: ''). Crops follow the SPEC 3 crop rule."""
+    inquiry of each group. Crops follow the SPEC 3 crop rule. The originals are one group each
+    with inquiry '' (Initial's default), or one group (joint), and `inquiry` is theirs."""
 
-    def __init__(self, originals, max_pixels, crop_max_pixels=None, min_pixels=MIN_PIXELS):
+    def __init__(self, originals, max_pixels, crop_max_pixels=None, min_pixels=MIN_PIXELS, joint=False, inquiry=""):
         self.originals = originals  # full-resolution PIL images
         self.crop_max_pixels = crop_max_pixels or budget_per_crop()
         self.min_pixels = min_pixels
         self.views, self.queries = [], []
         for i, img in enumerate(originals):
             pv, grid = preprocess_image(img, min_pixels, max_pixels)
-            self.views.append(View(i, (0.0, 0.0, 1.0, 1.0), pv, grid, group=len(self.queries)))
-            self.queries.append("")
+            self.views.append(View(i, (0.0, 0.0, 1.0, 1.0), pv, grid, group=0 if joint else i))
+        self.queries = [inquiry] * (1 if joint else len(originals))
 
     @classmethod
-    def of(cls, originals, budget, max_pixels=None):
-        """The images of a trajectory under the one sizing rule of SFT, GRPO and eval (caps)."""
-        return cls(originals, *cls.caps(len(originals), budget, max_pixels))
+    def of(cls, originals, budget, max_pixels=None, initial=Initial(), question=""):
+        """The images of a trajectory under the one sizing rule of SFT, GRPO and eval (caps),
+        its originals grouped as `initial` says for a sample asking `question`."""
+        return cls(originals, *cls.caps(len(originals), budget, max_pixels), **initial.context(question))
 
     @staticmethod
     def caps(n_originals, budget, max_pixels=None):
@@ -658,7 +689,7 @@ def load_originals(rec, where, image_root, max_frames=32):
     return imgs
 
 
-def render_sample(rec, where, image_root, ct, budget=Budget()):
+def render_sample(rec, where, image_root, ct, budget=Budget(), initial=Initial()):
     """A gold trajectory -> training tensors (paper Eq. 4):
 
     input_ids, labels (T,): labels are -100 except the assistant's own tokens, each
@@ -666,9 +697,9 @@ def render_sample(rec, where, image_root, ct, budget=Budget()):
     pixel_values, grid_thw, image_to_query, query_ids, query_mask: every image and crop of the
     trajectory for the dynamic encoder; text: the sequence as the model reads it.
     Crops are cut on the fly by the crop rule unless the record carries pre-made ones. A record's
-    own max_pixels caps its originals and its crops (Context.of)."""
+    own max_pixels caps its originals and its crops (Context.of); `initial` groups the originals."""
     originals = load_originals(rec, where, image_root, budget.max_frames)
-    ctx = Context.of(originals, budget, rec.get("max_pixels"))
+    ctx = Context.of(originals, budget, rec.get("max_pixels"), initial, rec["question"])
     ids, labels, text = [], [], []
 
     def env(parts, views):
@@ -718,8 +749,9 @@ class TrajectoryDataset:
     every gold box against the sizes it will be judged on: check_record with the budget), and
     rendered on access, when the pixels are decoded and the crops cut."""
 
-    def __init__(self, path, image_root, ct, budget=Budget(), skip_bad=False, log=print):
+    def __init__(self, path, image_root, ct, budget=Budget(), skip_bad=False, log=print, initial=Initial()):
         self.image_root, self.ct, self.budget, self.skip_bad, self.log = image_root, ct, budget, skip_bad, log
+        self.initial = initial
         self.records, self.n_bad = read_jsonl(path, skip_bad, log, image_root=image_root, need_steps=True,
                                               need_answer=False, budget=budget)
         if not self.records:
@@ -733,7 +765,7 @@ class TrajectoryDataset:
         checks at load, only pixels that fail to decode can make a record bad here."""
         where, rec = self.records[i]
         try:
-            return render_sample(rec, where, self.image_root, self.ct, self.budget)
+            return render_sample(rec, where, self.image_root, self.ct, self.budget, self.initial)
         except RecordError as e:
             if not self.skip_bad:
                 raise

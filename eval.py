@@ -110,7 +110,8 @@ SUFFIX = {"multiple choice": "\nAnswer with the option's letter from the given c
 
 MODES = ("chat", "direct", "plain")
 # the ablations a results line records: (its key, the value of a plain run, the label the tables show)
-ABLATIONS = (("inquiry", True, "w/o inquiry"), ("blank_crops", False, "blank crops"))
+ABLATIONS = (("inquiry", True, "w/o inquiry"), ("blank_crops", False, "blank crops"),
+             ("initial_groups", "per-image", "originals joint"), ("initial_inquiry", "none", "question as inquiry"))
 
 
 def bench_name(path):
@@ -259,16 +260,17 @@ def question_text(q):
     return data.format_question(q["question"], q["options"]) + (SUFFIX.get(q["kind"], "") if q.get("suffix", True) else "")
 
 
-def make_prompt(q, images, mode, t_max, max_pixels=None):
+def make_prompt(q, images, mode, t_max, max_pixels=None, initial=data.Initial()):
     """chat / direct: the record's prompt in that mode, read as SFT and GRPO read it (data.record_prompt;
-    our JSONL records may carry their own system prompt and user turn). plain: eval's own."""
+    our JSONL records may carry their own system prompt and user turn). plain: eval's own. `initial`:
+    the originals' encoder groups and inquiry (the bare question, as SFT puts it there)."""
     text = question_text(q)
     if mode == "plain":
         user = text if "<image>" in text else "<image>" * len(images) + text
         return rollout.Prompt(images, text, max_tool_calls=0, max_pixels=max_pixels, system=data.PLAIN_SYSTEM,
-                              user=user)
+                              user=user, initial=initial, inquiry=q["question"])
     return rollout.Prompt(images, max_tool_calls=t_max if mode == "chat" else 0, max_pixels=max_pixels,
-                          **data.record_prompt(q["meta"], mode, question=text))
+                          initial=initial, inquiry=q["question"], **data.record_prompt(q["meta"], mode, question=text))
 
 
 # -----------------------------------------------------------------------------
@@ -477,11 +479,12 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
     Returns the summary when all questions (all ranks) are done, else None."""
     own = out if world == 1 else "{0}.rank{2}{1}".format(*os.path.splitext(out), rank)
     done, _ = read_results(results_files(out))
-    setting = (mode, tokens, not args.no_inquiry, args.blank_crops)
-    describe = "mode {!r}, {} visual tokens, inquiry {}, blank crops {}".format
+    setting = (mode, tokens, not args.no_inquiry, args.blank_crops, args.initial_groups, args.initial_inquiry)
+    describe = "mode {!r}, {} visual tokens, inquiry {}, blank crops {}, initial groups {}, initial inquiry {}".format
     for line in done.values():  # one file = one setting; mixing would make the scores meaningless
         had = (line.get("mode", "chat"), line.get("max_visual_tokens", tokens), line.get("inquiry", True),
-               line.get("blank_crops", False))
+               line.get("blank_crops", False), line.get("initial_groups", "per-image"),
+               line.get("initial_inquiry", "none"))
         if had != setting:
             raise SystemExit(f"{out} holds results of {describe(*had)}; this run is {describe(*setting)}: "
                              f"pass another --out")
@@ -492,6 +495,7 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
     limits = rollout.Limits(max_tool_calls=5, max_images=args.max_images, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
     common = dict(mode=mode, max_visual_tokens=tokens, inquiry=not args.no_inquiry, blank_crops=args.blank_crops,
+                  initial_groups=args.initial_groups, initial_inquiry=args.initial_inquiry,
                   model=os.path.abspath(args.model) if args.model else None)
     writer = ResultsWriter(own)
     try:
@@ -516,7 +520,7 @@ def run_bench(args, model, ct, questions, name, out, mode, tokens, rank, world, 
                 # a record's own per-image budget (our JSONL schema) is what it was made for; a sweep overrides it
                 max_pixels = None if args.sweep else q["max_pixels"]
                 # sampled answers follow the question, not its batch: a resumed run redraws them alike
-                prompt = dataclasses.replace(make_prompt(q, imgs, mode, t_max, max_pixels),
+                prompt = dataclasses.replace(make_prompt(q, imgs, mode, t_max, max_pixels, data.Initial.from_args(args)),
                                              seed=zlib.crc32(f"{args.seed}:{q['qid']}".encode()))
                 ready.append((i, q, prompt, t_max))
             _answer(args, model, ct, ready, mode, budget, limits, writer, common, rank)
@@ -734,6 +738,7 @@ def build_parser():
     p.add_argument("--max-frames", type=int, default=32, help="video records: frames sampled uniformly")
     p.add_argument("--no-inquiry", action="store_true", help="the paper's 'w/o inquiry' ablation: crops re-encoded "
                                                              "jointly but without the tool call's query")
+    data.Initial.add_args(p)
     p.add_argument("--blank-crops", action="store_true", help="every crop a flat grey image of the real crop's size: "
                                                               "what answers owe to what the crops show")
     # sampling (paper App. C: top-p 0.9, T 0.75)

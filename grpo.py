@@ -135,14 +135,16 @@ def prompt_tokens(rec, where, image_root, ct, budget):
     return len(ct.encode_parts(parts, [(w // FACTOR) * (h // FACTOR) for w, h in displays]))
 
 
-def make_prompt(where, rec, image_root, budget):
-    """A record's prompt, read as SFT reads it (data.record_prompt); a "direct" record makes no tool calls."""
+def make_prompt(where, rec, image_root, budget, initial=data.Initial()):
+    """A record's prompt, read as SFT reads it (data.record_prompt, data.Initial); a "direct" record makes no
+    tool calls."""
     imgs = data.load_originals(rec, where, image_root, budget.max_frames)
     t_max = 0 if rec.get("mode") == "direct" else rec.get("max_tool_calls")
-    return rollout.Prompt(imgs, max_tool_calls=t_max, max_pixels=rec.get("max_pixels"), **data.record_prompt(rec))
+    return rollout.Prompt(imgs, max_tool_calls=t_max, max_pixels=rec.get("max_pixels"), initial=initial,
+                          inquiry=rec["question"], **data.record_prompt(rec))
 
 
-def make_prompts(records, picks, image_root, budget, skip_bad):
+def make_prompts(records, picks, image_root, budget, skip_bad, initial=data.Initial()):
     """The prompts of records[picks]. A record whose images fail to decode here (its fields and
     image headers were checked at load) stops the run, or with skip_bad gives its place to the
     next record and is counted, so every rank keeps its share. Returns (record indices used,
@@ -151,7 +153,7 @@ def make_prompts(records, picks, image_root, budget, skip_bad):
     for r in picks:
         for _ in range(len(records)):
             try:
-                prompts.append(make_prompt(*records[r], image_root, budget))
+                prompts.append(make_prompt(*records[r], image_root, budget, initial))
                 break
             except RecordError as e:
                 if not skip_bad:
@@ -286,6 +288,7 @@ def parse_args(argv=None):
     a("--out-dir", default="out/grpo")
     a("--resume", action="store_true", help="continue out_dir/latest exactly")
     a("--skip-bad", action="store_true")
+    data.Initial.add_args(ap)
     a("--plot", default=None, metavar="LOG", help="only draw the training curves of LOG (a log.jsonl) to a PNG")
     # the rollout batch (paper: 96 prompts x 4)
     a("--steps", type=int, default=1200, help="policy steps (release)")
@@ -329,7 +332,8 @@ def parse_args(argv=None):
 
 
 RESUME_KEYS = ("data", "image_root", "steps", "prompts_per_step", "group_size", "lr", "seed", "clip_low",
-               "clip_high", "dual_clip", "aggregation", "mini_batches", "update_epochs", "freeze_vision")
+               "clip_high", "dual_clip", "aggregation", "mini_batches", "update_epochs", "freeze_vision",
+               "initial_groups", "initial_inquiry")
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +402,8 @@ def train(args, rank, world, device):
         t0 = time.perf_counter()
         idx = prompt_order(step, P, len(records), args.seed)
         mine = list(range(rank, P, world))  # global prompt numbers of this rank
-        used, prompts, skipped = make_prompts(records, [idx[j] for j in mine], args.image_root, budget, args.skip_bad)
+        used, prompts, skipped = make_prompts(records, [idx[j] for j in mine], args.image_root, budget, args.skip_bad,
+                                              data.Initial.from_args(args))
         # each prompt's samples are seeded by its global number in the run, not by the rank that rolls it out
         prompts = [dataclasses.replace(p, seed=args.seed * 1_000_003 + step * P + j) for p, j in zip(prompts, mine)]
         model.eval()

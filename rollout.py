@@ -56,6 +56,8 @@ class Prompt:
     system: str = data.SYSTEM_PROMPT  # the paper's Figure 15
     instructions: str | None = None  # text after the question; None = Figure 16's tool/answer formats
     user: str | None = None  # a whole user turn with '<image>' placeholders (replaces Figure 16)
+    initial: data.Initial = data.Initial()  # the originals' encoder groups and inquiry (default: each alone, none)
+    inquiry: str = ""  # the question as initial.inquiry puts it in the encoder: without options or instructions
     seed: int | None = None  # sample g draws from its own generator seeded (seed, g), so what a prompt's samples
     #   are does not depend on the batch it was in; None: (Sampling.seed, the prompt's number in the call)
     # (a record's prompt: Prompt(images, max_tool_calls=..., **data.record_prompt(rec)))
@@ -246,7 +248,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     # length hold padding garbage that its decode steps overwrite before they ever attend to it.
     ctxs, prompt_ids, encs = [], [], []
     for b, p in enumerate(prompts):
-        ctx = Context.of(p.images, budget, p.max_pixels)
+        ctx = Context.of(p.images, budget, p.max_pixels, p.initial, p.inquiry)
         parts = prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
         ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
@@ -255,8 +257,8 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     # the cache grows with use (below): it starts at the prompts plus a chunk, not at max_context
     cache = model.new_cache(n, min(limits.max_context, L + 1 + CACHE_CHUNK))
     batch_ids = torch.tensor([ids[:-1] + [ct.im_end] * (L + 1 - len(ids)) for ids in prompt_ids])
-    # Eq. 1's f_0 = V(I, empty set): the originals, encoded once per prompt (not per sample),
-    # each image its own group, no inquiry
+    # Eq. 1's f_0 = V(I, q_0): the originals, encoded once per prompt (not per sample), each image
+    # its own group with no inquiry (q_0 = empty set), unless the prompt's `initial` says otherwise
     enc = _on_device(model, Context.merge_encoder_inputs(encs), device)
     pos, _ = rope_index(batch_ids, enc["grid_thw"].cpu(), image_token)
     model.hidden_states(batch_ids.to(device), **enc, position_ids=pos.to(device), cache=cache.view_rows(0, len(prompts)),
@@ -344,10 +346,11 @@ def load(model_dir, embedder_dir=None, dtype=torch.float32, device="cpu"):
 
 
 def ask(model, images, question, ct, options=None, max_tool_calls=5, sampling=Sampling(greedy=True),
-        limits=Limits(), budget=Budget()):
+        limits=Limits(), budget=Budget(), initial=data.Initial()):
     """Answer one question about one or more images (paths or PIL images), chatting with
-    them as needed. Returns (answer text or None, Trajectory)."""
+    them as needed; `initial` groups the originals in the encoder (data.Initial).
+    Returns (answer text or None, Trajectory)."""
     imgs = [load_image(i) if isinstance(i, str) else to_rgb(i) for i in images]  # transparency as load_image
-    p = Prompt(imgs, data.format_question(question, options), max_tool_calls)
+    p = Prompt(imgs, data.format_question(question, options), max_tool_calls, initial=initial, inquiry=question)
     traj = rollout(model, ct, [p], 1, sampling, limits, budget)[0]
     return traj.answer, traj

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import release
+import data
 from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, TrajectoryDataset
 from model import config_to_hf
 from training import (PAD, build_model, dist_setup, dist_teardown, lr_at, make_optimizer, open_log, padded, print0,
@@ -58,6 +59,7 @@ def parse_args(argv=None):
       help="--data is the authors' released SFT file (JSON list or JSONL of {images, conversations, queries, "
            "image_to_query_mapping}): converted to out_dir/imported.jsonl, pre-made crop files kept")
     a("--skip-bad", action="store_true", help="skip (and log) bad records instead of stopping")
+    data.Initial.add_args(ap)
     a("--out-dir", default="out/sft", help="checkpoints and log.jsonl (default: out/sft)")
     a("--resume", action="store_true", help="continue out_dir/latest exactly (starts fresh if there is none)")
     # optimisation
@@ -104,7 +106,8 @@ def parse_args(argv=None):
 # Flags that must not change across --resume (they define the run's math and data order).
 RESUME_KEYS = ("data", "image_root", "import_release", "epochs", "max_steps", "global_batch", "lr", "warmup",
                "weight_decay", "grad_clip", "seed", "max_length", "max_pixels", "crop_max_pixels", "min_pixels",
-               "total_visual_tokens", "train_text_proj", "freeze_vision", "skip_bad")
+               "total_visual_tokens", "train_text_proj", "freeze_vision", "skip_bad",
+               "initial_groups", "initial_inquiry")
 
 # -----------------------------------------------------------------------------
 # Data: a seeded permutation per epoch; global position p -> (epoch p // N, sample perm_epoch[p % N])
@@ -209,7 +212,8 @@ def train(args, rank, world, device):
     # ---- model, tokenizers, data, optimizer
     model, cfg = build_model(model_dir, embedder_dir, args, device, rank)
     ct = ChatTokenizer.load(model_dir, cfg, embedder_dir)
-    ds = TrajectoryDataset(data_path, args.image_root, ct, budget, skip_bad=args.skip_bad, log=warn)
+    ds = TrajectoryDataset(data_path, args.image_root, ct, budget, skip_bad=args.skip_bad, log=warn,
+                           initial=data.Initial.from_args(args))
     num_steps = args.max_steps if args.max_steps > 0 else args.epochs * len(ds) // batch
     if num_steps < 1:
         raise SystemExit(f"{len(ds)} samples x {args.epochs} epochs is less than one global batch of {batch}")

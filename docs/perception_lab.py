@@ -58,6 +58,10 @@ ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW lr: 20 warm-up steps, then cosine to 0")
 ap.add_argument("--vision-lr", type=float, help="the vision tower's lr (default: --lr)")
 ap.add_argument("--freeze-vision", action="store_true", help="the tower stays at its random init")
+ap.add_argument("--train-query-layers", action="store_true", help="with --freeze-vision: the query-aware layers "
+                                                                  "and the merger train (at --vision-lr)")
+ap.add_argument("--question-inquiry", action="store_true", help="the question is the image's inquiry "
+                                                                "(data.Initial: section 4.4's single pass)")
 ap.add_argument("--rope-theta", type=float, help="the LM's rope_theta (tiny_config: 1e6)")
 ap.add_argument("--merger-scale", type=float, default=1.0, help="multiply the merger's last layer at init")
 ap.add_argument("--question-first", action="store_true", help="the question before the image")
@@ -172,7 +176,7 @@ def render(img, q, think):
         a[..., 2] += np.linspace(-args.ramp, args.ramp, a.shape[0])[:, None]
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     with mock.patch.object(data, "load_originals", lambda *a: [img]):
-        s = render_sample(rec, "lab", "/", ct, Budget())
+        s = render_sample(rec, "lab", "/", ct, Budget(), data.Initial(inquiry=args.question_inquiry))
     return {k: v for k, v in s.items() if k not in ("context", "text")}
 
 
@@ -190,11 +194,15 @@ with torch.no_grad():
 for p in model.text_encoder.parameters():
     p.requires_grad_(False)
 vis = [p for n, p in model.named_parameters() if n.startswith("visual.")]
-for p in vis:
-    p.requires_grad_(not args.freeze_vision and not args.oracle)
+query_blocks = tuple(f"visual.blocks.{i}." for i in cfg.vision.query_layers) + ("visual.merger.",)
+for n, p in model.named_parameters():
+    if n.startswith("visual."):
+        p.requires_grad_(not args.oracle and (not args.freeze_vision or args.train_query_layers and
+                                              n.startswith(query_blocks)))
+vis = [p for p in vis if p.requires_grad]
 rest = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in vis)]
 groups = [dict(params=rest, lr=args.lr, peak=args.lr)]
-if not args.freeze_vision and not args.oracle:
+if vis:
     vlr = args.vision_lr if args.vision_lr is not None else args.lr
     groups.append(dict(params=vis, lr=vlr, peak=vlr))
 opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -222,7 +230,7 @@ def features(s, cards):
     """Fixed features replace the pixels when nothing in the tower trains: computed once."""
     if args.oracle:
         s["features"] = oracle_features(cards)
-    elif args.freeze_vision:
+    elif args.freeze_vision and not args.train_query_layers:
         with torch.no_grad():
             s["features"] = model.encode_images(s["pixel_values"], s["grid_thw"])
     if "features" in s:

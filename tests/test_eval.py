@@ -435,10 +435,11 @@ def test_vanilla_model_plain_and_direct_modes(tmp_path, stock_dir, model_dir, be
     assert count_prompts[1].instructions == data.DIRECT_INSTRUCTIONS
 
 
-def test_blank_crops_are_run_recorded_and_kept_apart(tmp_path, model_dir, monkeypatch, short_system_prompt):
+def test_ablations_are_run_recorded_and_kept_apart(tmp_path, model_dir, monkeypatch, short_system_prompt):
     """--blank-crops: a scripted zoom gives the plain run's trajectory (same tokens, crop sizes and
     grids) with a flat grey crop; the lines record the flag, the table names it, and a results file
-    of the other setting is refused, either way."""
+    of the other setting is refused, either way. --initial-groups/--initial-inquiry (data.Initial):
+    the rollout gets them, with the bare question as the originals' inquiry, and the same holds."""
     rec = dict(images=["a.png"], question="How many dots?", options=None, answer="3", problem_type="numerical")
     (tmp_path / "zoom").mkdir()
     bench = write_json(tmp_path / "zoom" / "dots.jsonl", rec)  # one JSON line
@@ -467,12 +468,21 @@ def test_blank_crops_are_run_recorded_and_kept_apart(tmp_path, model_dir, monkey
     assert (crop == crop[:1, :, :1]).all() and not torch.equal(tb.context.views[1].pixel_values,
                                                               tp.context.views[1].pixel_values)
     assert s["ablations"] == ["blank crops"] and "| zoom/dots [blank crops] |" in open(tmp_path / "blank.md").read()
-    with pytest.raises(SystemExit, match="blank crops False; this run is .* blank crops True: pass another --out"):
+    with pytest.raises(SystemExit, match="blank crops False, .*; this run is .* blank crops True, .*: pass another --out"):
         E.main(args + ["--out", plain, "--blank-crops"])
-    with pytest.raises(SystemExit, match="inquiry True, blank crops True; this run is .* inquiry False"):
+    with pytest.raises(SystemExit, match="inquiry True, blank crops True, .*; this run is .* inquiry False"):
         E.main(args + ["--out", blank, "--blank-crops", "--no-inquiry"])
     E.main(["--score", blank, "--bench", bench, "--out", str(tmp_path / "scored.md")])
     assert "| zoom/dots [blank crops] |" in open(tmp_path / "scored.md").read()
+    joint = str(tmp_path / "joint.jsonl")
+    s = E.main(args + ["--out", joint, "--initial-groups", "joint", "--initial-inquiry", "question"])[("chat", 64)]
+    (lj,) = lines_of(joint)
+    assert (lj["initial_groups"], lj["initial_inquiry"], lp["initial_groups"]) == ("joint", "question", "per-image")
+    assert trajs[-1].context.queries == ["How many dots?", "the dots"] and trajs[0].context.queries == ["", "the dots"]
+    assert s["ablations"] == ["originals joint", "question as inquiry"]
+    with pytest.raises(SystemExit, match="initial groups per-image, initial inquiry none; this run is .* initial "
+                                         "groups joint, initial inquiry none"):
+        E.main(args + ["--out", plain, "--initial-groups", "joint"])
 
 
 # -----------------------------------------------------------------------------

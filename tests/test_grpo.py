@@ -396,3 +396,28 @@ def test_a_prompt_longer_than_max_context_is_refused_at_load(tmp_path, tokenizer
     kept, n_bad = grpo.load_prompts(str(path), str(tmp_path), True, ct, budget, limit)
     assert [w for w, _ in kept] == [f"{path}:1"] and n_bad == 1
     assert len(grpo.load_prompts(str(path), str(tmp_path), False, ct, budget, lengths[1] + 2)[0]) == 2
+
+
+def test_the_initial_encoding_reaches_the_rollouts(tmp_path, tokenizer, monkeypatch):
+    """--initial-groups/--initial-inquiry (data.Initial): every prompt GRPO rolls out carries them,
+    with the record's bare question as the originals' inquiry."""
+    import data
+    import grpo
+    import rollout
+    import zoom_world
+    model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
+    zoom = zoom_world.make_world(str(tmp_path / "zoom"), n_train=4, n_eval=1, seed=1)
+    questions = {json.loads(line)["question"] for line in open(zoom["train"])}
+    seen, real = [], rollout.rollout
+    monkeypatch.setattr(rollout, "rollout", lambda model, ct, prompts, *a, **k: seen.extend(prompts) or
+                        real(model, ct, prompts, *a, **k))
+    threads = torch.get_num_threads()
+    try:
+        grpo.main(["--model", model_dir, "--data", zoom["train"], "--steps", "1", "--prompts-per-step", "2",
+                   "--group-size", "2", "--max-turn-tokens", "4", "--max-new-tokens", "8", "--max-context", "2048",
+                   "--dump-every", "0", "--out-dir", str(tmp_path / "out"), "--initial-groups", "joint",
+                   "--initial-inquiry", "question"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 2 and all(p.initial == data.Initial(joint=True, inquiry=True) for p in seen)
+    assert all(p.inquiry in questions for p in seen)

@@ -119,6 +119,52 @@ def test_no_inquiry_blanks_the_query_at_re_encoding_only(model, ct):
     assert torch.equal(la[:first], lb[:first]) and not torch.equal(la, lb)
 
 
+INITIALS = {(j, q): data.Initial(joint=j, inquiry=q) for j in (False, True) for q in (False, True)}
+
+
+def test_initial_encoding_groups_and_inquiry(tmp_path, model, ct, tokenizer):
+    """data.Initial (section 4.4's single pass): SFT's rendering and the rollout group the originals
+    alike, and put the bare question in as their inquiry; the default is today's initial encoding
+    exactly (each original alone, no inquiry), and each switch changes the originals' features on
+    ViLaVT, and nothing on the vanilla encoder, which has neither path."""
+    imgs = [noise_image(448, 336, 1), noise_image(300, 300, 2)]
+    for name, im in zip(TWO_CALLS["images"], imgs):
+        im.save(tmp_path / name)
+    q, script = TWO_CALLS["question"], policy_tokens(ct, TWO_CALLS["steps"])
+    torch.manual_seed(0)
+    vanilla = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"), vanilla=True))
+    vanilla.init_weights()
+    feats, vfeats, dists = {}, {}, {}
+    for (joint, inq), initial in INITIALS.items():
+        gold = data.render_sample(TWO_CALLS, "gold", str(tmp_path), ct, BUDGET, initial)
+        prompt = rollout.Prompt(imgs, q, initial=initial, inquiry=q)
+        sc = Scripted(model, [script])
+        traj = rollout.rollout(sc, ct, [prompt], budget=BUDGET)[0]
+        assert traj.ids == gold["input_ids"].tolist() and traj.finish == "answer"
+        assert [v.group for v in traj.context.views] == ([0, 0, 1, 1, 2] if joint else [0, 1, 2, 2, 3])
+        assert traj.context.queries[:1 if joint else 2] == [q if inq else ""] * (1 if joint else 2)
+        assert traj.context.queries[-2:] == ["count the dots on the red card", "the dots"]
+        enc = traj.encoder_inputs(ct)
+        for k in data.ENCODER_KEYS:
+            assert torch.equal(enc[k], gold[k]), (joint, inq, k)
+        orig = traj.context.encoder_inputs(traj.context.views[:2], ct)  # the rollout's prefill encodes these
+        feats[joint, inq], vfeats[joint, inq] = model.encode_images(**orig), vanilla.encode_images(**orig)
+        dists[joint, inq] = sc.logprobs(0, traj)
+    # the default is the initial encoding as it was before Initial: each original its own group, no inquiry
+    views = traj.context.views[:2]
+    before = dict(pixel_values=torch.cat([v.pixel_values for v in views]), grid_thw=torch.stack([v.grid_thw for v in views]),
+                  image_to_query=torch.tensor([0, 1]), **dict(zip(("query_ids", "query_mask"), ct.queries(["", ""]))))
+    assert torch.equal(feats[False, False], model.encode_images(**before))
+    alone = torch.cat([model.encode_images(v.pixel_values, v.grid_thw[None]) for v in views])  # one call each
+    assert torch.allclose(feats[False, False], alone, atol=1e-6)
+    keys = list(INITIALS)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:  # joint grouping and the inquiry each change the features (random weights)
+            assert (feats[a] - feats[b]).abs().max() > 1e-5, (a, b)
+            assert not torch.equal(dists[a], dists[b]), (a, b)
+            assert torch.allclose(vfeats[a], vfeats[b], atol=1e-6), (a, b)  # float noise of the batching at most
+
+
 def test_blank_crops_keep_sizes_and_tokens_not_pixels(model, ct):
     """blank_crops=True: every crop (a crop of a crop too) is flat grey of the real crop's size, so
     the same token ids, grids, regions and queries, other pixels; with inquiry=False as well, the

@@ -244,6 +244,22 @@ def test_resume_takes_the_newest_complete_checkpoint_and_never_overwrites(world,
     assert len(losses(out)) == STEPS  # the log is untouched
 
 
+def test_initial_encoding_reaches_every_sample_and_pins_the_run(world, baseline, monkeypatch):
+    """--initial-groups joint --initial-inquiry question (data.Initial, section 4.4's single pass):
+    every sample is rendered with them, the loss differs from the plain run's from step 1 (the
+    originals' features differ), and --resume refuses to change them."""
+    import data
+    seen, real = [], data.render_sample
+    monkeypatch.setattr(data, "render_sample", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    out = str(world["root"] / "joint")
+    plain = world["args"] + ["--out-dir", out, "--no-activation-checkpointing"]
+    run(plain + ["--initial-groups", "joint", "--initial-inquiry", "question", "--stop-at-step", "1"], cwd=world["root"])
+    assert len(seen) >= 4 and set(seen) == {data.Initial(joint=True, inquiry=True)}
+    assert len(losses(out)) == 1 and abs(losses(out)[0] - losses(baseline)[0]) > 1e-6
+    with pytest.raises(SystemExit, match="--initial-groups 'joint' -> 'per-image'"):
+        run(plain + ["--resume"], cwd=world["root"])
+
+
 def test_a_bad_box_on_line_3_stops_sft_before_any_step(world, tmp_path, monkeypatch, capsys):
     """Issue 14, item 13: a gold box outside its image on line 3 once surfaced only when that
     sample was rendered, mid-run (after a checkpoint, on a real run). Now sft.py stops when its
