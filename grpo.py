@@ -434,7 +434,7 @@ def train(args, rank, world, device):
 
         # ---- 6. the Eq. 6 updates
         for g in opt.param_groups:
-            g["lr"] = args.lr  # constant (release)
+            g["lr"] = args.lr * g["lr_scale"]  # constant (release)
         st = update(model, opt, params, batch, args, device)
         t3 = time.perf_counter()
         step += 1

@@ -77,6 +77,7 @@ def parse_args(argv=None):
            "behaviour")
     a("--lr", type=float, default=1e-5, help="peak AdamW lr (default: 1e-5, paper sec. 4.1; the release script "
                                              "and the paper's App. C used 5e-5)")
+    a("--vision-lr", type=float, help="peak lr of the vision tower (default: --lr); the schedule is --lr's, scaled")
     a("--warmup", type=float, default=0.03, help="linear warmup share of the steps, then cosine to 0 (default: 0.03)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay of matrices (default: 0, as the release)")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (default: 1.0)")
@@ -106,7 +107,7 @@ def parse_args(argv=None):
 # Flags that must not change across --resume (they define the run's math and data order).
 RESUME_KEYS = ("data", "image_root", "import_release", "epochs", "max_steps", "global_batch", "lr", "warmup",
                "weight_decay", "grad_clip", "seed", "max_length", "max_pixels", "crop_max_pixels", "min_pixels",
-               "total_visual_tokens", "train_text_proj", "freeze_vision", "skip_bad",
+               "total_visual_tokens", "train_text_proj", "freeze_vision", "skip_bad", "vision_lr",
                "initial_groups", "initial_inquiry")
 
 # -----------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def train(args, rank, world, device):
         n_tok = max(1.0, counts[0].item())
         lr = lr_at(step, num_steps, args.lr, args.warmup)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         nll_total = torch.zeros((), dtype=torch.float64, device=device)
         # as many forwards on every rank (FSDP collectives): a skipped sample's place is the dummy's
         groups = rank_micro_batches([dummy if "skip" in s else s for s in micro], args.micro_batch_tokens, device,

@@ -147,9 +147,17 @@ def sharded_model(cfg, args, mixed_precision):
 
 
 def make_optimizer(model, args):
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    """AdamW; each group's `lr_scale` multiplies the scheduled lr: 1, or for the vision tower
+    (`visual.*`) --vision-lr / --lr where a script has that flag (a tiny model trained from random
+    weights needs its tower slower than its LM: README, "Learning to look")."""
+    vision_lr = getattr(args, "vision_lr", None)
+    scale = lambda name: vision_lr / args.lr if vision_lr is not None and name.startswith("visual.") else 1.0
+    groups = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # matrices decay; biases and norms do not
+            wd = args.weight_decay if p.dim() >= 2 else 0.0
+            groups.setdefault((wd, scale(n)), []).append(p)
+    groups = [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
 
 

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -131,18 +132,26 @@ class ZoomWorldConfig:
     grid: tuple = (2, 2)  # (columns, rows) of cells, 2 or 3 each; a card sits inside one cell, the gold bbox
     #   is that cell, and the think names it ("in the top left") before the bbox is written
     cell_margin: int = 8  # least space between a card and its cell's edge
-    card_size: tuple = (64, 40)  # (w, h) of a card: 32x20 display px
-    card_border: int = 6  # coloured frame around the card's flat grey label
+    card_size: tuple = (80, 56)  # (w, h) of a card: 40x28 display px
+    card_border: int = 12  # coloured frame around the card's flat grey label: 6 display px, so that a frozen
+    #   random tower's features name the colour (3 px: caption at chance; README, "Learning to look")
     big_card_scale: float = 1.5  # linear size of an image's one large card relative to card_size
     big_card_share: float = 0.4  # share of images with a large card (always one for "largest color" questions)
     mark_kinds: tuple = ("dots",)  # mark kinds, drawn uniformly per sample: "dots" to count, "digit" to read
-    dot_size: int = 8  # side of a square dot (4 display px at 1x; 8 crop px after one zoom); multiple of r
+    dot_size: int = 12  # side of a square dot (6 display px at 1x, where its texture averages away; 12 crop px
+    #   after one zoom); multiple of r. 8 px dots took a reading tower twice the steps (lab rows 17, 28)
     dot_gap: int = 4  # space between dot positions
-    dot_grid: tuple = (4, 2)  # (columns, rows) of dot positions on a label
+    dot_grid: tuple = (3, 2)  # (columns, rows) of dot positions on a label
     dot_count: tuple = (1, 6)  # dots on a card, inclusive range
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
-    n_cards: tuple = (2, 4)  # cards per image, inclusive range; at most len(COLORS) and the cell count
+    ramp: int = 40  # a colour ramp over every image, +-ramp grey levels: red grows left to right, blue top to
+    #   bottom, so each patch's colour says where it is (a position cue: the lab's ground1, 51% -> 97.5%)
+    question_first: bool = False  # the question before the images in the user turn, so that the image tokens
+    #   can attend to it (the lab's ground: the colour look-up leaves chance only then)
+    n_cards: tuple = (1, 1)  # cards per image, inclusive range; at most len(COLORS) and the cell count. One:
+    #   finding a card among others by its colour is the wall a tiny LM escapes only after ~4,500 steps of 16
+    #   (lab row 24), beyond the demo's budget; the question still names the card's colour
     n_clutter: tuple = (15, 30)  # background clutter shapes per image, inclusive range
     clutter_size: tuple = (6, 48)  # clutter shape size range
     multi_images: tuple = (2, 3)  # images in a multi-image sample, inclusive range
@@ -166,10 +175,13 @@ SYSTEM = "You are a helpful assistant. You can zoom in on image regions with the
 INSTRUCTIONS = "Think first, then zoom in with <tool> or answer with <answer>."
 
 
-def user_turn(n_images, display, question):
+def user_turn(n_images, display, question, question_first=False):
     """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the image
-    index and size lines of Figure 16, a one-line instruction, then the question."""
+    index and size lines of Figure 16, a one-line instruction, then the question (or the
+    question first: ZoomWorldConfig.question_first)."""
     text = "".join(f"<image>The index of the provided image is {i}.\n" for i in range(n_images))
+    if question_first:
+        return "Question: " + question + "\n" + text + images_header([display] * n_images) + INSTRUCTIONS
     return text + images_header([display] * n_images) + INSTRUCTIONS + "\nQuestion: " + question
 
 
@@ -212,6 +224,10 @@ TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is", {
     "t_multi_read": "The zoom-in images show the {color} cards: {listing}.",
     "t_which": "So the {color} card with {target} is in image {index}.",
     "t_total": "In total that is {expr} = {value}.",
+    "q_where": "Where is the {color} card?",
+    "q_where_multi": "Where is the {color} card in each image?",
+    "t_where": "The {color} card is {places}.",
+    "t_read_image": "In image {index}, the {color} card has {value} dots.",
     "t_largest": "The largest card is {place} of the image, and it is {color}. That is clear without zooming in.",
     "t_cards": "All cards are clearly visible without zooming in: there are {value} of them.",
     "t_option": " That is option {letter}.",
@@ -380,6 +396,11 @@ def _render(rng, cfg, r, cards):
         m = _mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
         sub = a[label[1]:label[3], label[0]:label[2]]
         sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
+    if cfg.ramp:
+        a = a.astype(np.int16)
+        a[..., 0] += np.linspace(-cfg.ramp, cfg.ramp, OW).round().astype(np.int16)[None, :]
+        a[..., 2] += np.linspace(-cfg.ramp, cfg.ramp, OH).round().astype(np.int16)[:, None]
+        a = np.clip(a, 0, 255).astype(np.uint8)
     return Image.fromarray(a)
 
 
@@ -551,7 +572,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
     if direct:
         rec.update(mode="direct", max_tool_calls=0)
     else:
-        rec.update(system=SYSTEM, prompt=user_turn(len(images), (Wd, Hd), format_question(question, options)))
+        rec.update(system=SYSTEM, prompt=user_turn(len(images), (Wd, Hd), format_question(question, options), cfg.question_first))
     return rec, images
 
 
@@ -616,19 +637,87 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 
 
 # -----------------------------------------------------------------------------
+# the perception stage: a base that can see (issue 12; the paper starts from a pretrained VLM)
+
+
+def _perception_sample(rng, cfg, geom, name, read):
+    """One single-step record and its images: where the asked card is in each of 1-3 scenes (the
+    think names the places as a trajectory's first think does; the answer is the cells' bboxes,
+    as its tool call writes them), or read=True: the dots on the card of one gold zoom (the cell
+    cut from the original at twice the display scale, shown as an image of its own)."""
+    Wd, Hd, r = geom
+    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    if read:
+        value = int(rng.integers(cfg.dot_count[0], cfg.dot_count[1] + 1))
+        cards = _scene(rng, cfg, r, "dots", [color], {color: value})
+        t = next(c for c in cards if c["color"] == color)
+        c, k = _cell(cfg, t["box"])
+        cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
+        images = [_render(rng, cfg, r, cards).crop((c * cw, k * ch, (c + 1) * cw, (k + 1) * ch))]
+        question = TEXT["q_dots"].format(color=color)
+        steps = [{"think": TEXT["t_read_image"].format(index=0, color=color, value=value), "answer": str(value)}]
+    else:
+        n = 1 if rng.random() < 0.5 else int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
+        scenes = [_scene(rng, cfg, r, "dots", [color], {}) for _ in range(n)]
+        images = [_render(rng, cfg, r, cards) for cards in scenes]
+        targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
+        question = TEXT["q_where_multi" if n > 1 else "q_where"].format(color=color)
+        places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i) for i, t in enumerate(targets))
+        boxes = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))} for i, t in enumerate(targets)]
+        steps = [{"think": TEXT["t_where"].format(color=color, places=places), "answer": json.dumps(boxes)}]
+        target_boxes = [[t["box"][0] / cfg.canvas_size[0], t["box"][1] / cfg.canvas_size[1],
+                         t["box"][2] / cfg.canvas_size[0], t["box"][3] / cfg.canvas_size[1]] for t in targets]
+    paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
+    display = (Wd, Hd) if not read else images[0].size  # a zoom's cell is shown at its own size (<= display)
+    rec = {"id": name, "images": paths, "question": question, "task": "read" if read else "ground",
+           "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": steps,
+           "prompt": user_turn(len(images), display, question, cfg.question_first)}
+    if not read:
+        rec["target_boxes"] = target_boxes  # as make_world's: the asked card's box, normalised to each original
+    return rec, images
+
+
+def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, name="perception"):
+    """Write out_dir/{name}.jsonl (n single-step records, sft.py's schema: share_read of them
+    reading, the rest grounding; _perception_sample) and their images under out_dir/perception/.
+    Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
+    seed = cfg.seed if seed is None else seed
+    geom = _geometry(cfg)
+    os.makedirs(os.path.join(out_dir, "perception"), exist_ok=True)
+    stream = [seed, 7, zlib.crc32(name.encode())]
+    read = np.random.default_rng(stream).permutation(n) < round(share_read * n)
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            rec, images = _perception_sample(np.random.default_rng(stream + [i]), cfg, geom, f"{name}_{i:05d}", read[i])
+            for p, img in zip(rec["images"], images):
+                img.save(os.path.join(out_dir, p), compress_level=1)
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+# -----------------------------------------------------------------------------
 # presets: the demo's sizes, one entry per preset (gpt-fast's transformer_configs). Each stage's
 # flags are written as a user types them; everything else is the scripts' own default, i.e. the
 # paper's 7B setting. The model is model.tiny_config in both presets.
 
 PRESETS = {
     "tiny": dict(  # the README's demo: `python zoom_world.py`
-        world=dict(n_train=3072, n_eval=128, seed=0),
+        world=dict(n_train=2048, n_eval=256, seed=0),
+        # the perception stages (issue 12: a base that can see, before any trajectory), each its
+        # records (make_perception: how many, the share of reading) and sft.py's flags. "look":
+        # where the asked card is, the tower frozen (it trains its LM read-out fastest; README,
+        # "Learning to look"); "read": the dots on a gold zoom, grounding kept in the mix, the tower
+        # at a tenth of the LM's lr (at the same lr its features collapse into one shared mean)
+        perception=dict(look=(16000, 0.0), read=(8000, 0.75), heldout=200),
+        look="--lr 1e-3 --freeze-vision --global-batch 16 --epochs 1 --no-activation-checkpointing",
+        read="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 1 --no-activation-checkpointing",
         # batch 2 on purpose: a sample costs about the same at batch 2 as at batch 8 (sft.py's
         # micro-batching gains ~1.1-1.2x on this CPU: the work is compute, not per-call overhead),
         # but batch 2 gives 4x the optimizer steps, and the tiny model's copying skills only formed
         # with more steps (measured: 384 steps of 8 left the card's colour at chance, 7/33). The
         # paper's 1e-5 moves a random tiny model far too slowly.
-        sft="--lr 1e-3 --global-batch 2 --epochs 1 --no-activation-checkpointing",
+        sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 2 --epochs 1 --no-activation-checkpointing",
         # lr 5e-5: at 5e-4 GRPO collapsed the policy within 25 steps (reward 0.53 -> 0.00)
         grpo="--steps 30 --prompts-per-step 8 --group-size 4 --max-turn-tokens 256 --max-new-tokens 512 "
              "--max-context 4096 --lr 5e-5 --no-activation-checkpointing",
@@ -639,7 +728,10 @@ PRESETS = {
     ),
     "smoke": dict(  # `--smoke`: the same sequence in miniature (CI): every stage runs and hands on its checkpoint
         world=dict(n_train=16, n_eval=8, seed=0),
-        sft="--lr 1e-3 --global-batch 2 --epochs 1 --no-activation-checkpointing",
+        perception=dict(look=(8, 0.0), read=(8, 0.75), heldout=4),
+        look="--lr 1e-3 --freeze-vision --global-batch 4 --epochs 1 --no-activation-checkpointing",
+        read="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
+        sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 2 --epochs 1 --no-activation-checkpointing",
         grpo="--steps 2 --prompts-per-step 2 --group-size 2 --max-turn-tokens 32 --max-new-tokens 64 "
              "--max-context 4096 --lr 5e-5 --no-activation-checkpointing",
         eval="--greedy --batch-size 8 --max-turn-tokens 32 --max-new-tokens 64 --max-context 4096",
@@ -669,14 +761,22 @@ def run(script, *flags):
     subprocess.run([sys.executable] + cmd, check=True)
 
 
-def make_data(zoom, world):
-    """The task's data, unless zoom/ already holds it for these sizes and this config."""
-    meta, want = os.path.join(zoom, "meta.json"), dict(world, config=json.loads(json.dumps(asdict(ZoomWorldConfig()))))
+def make_data(zoom, world, perception):
+    """The task's data (make_world; make_perception's records of each perception stage, and
+    `heldout` more, all reading and grounding alike, to probe them), unless zoom/ already holds
+    it for these sizes and this config."""
+    meta = os.path.join(zoom, "meta.json")
+    want = json.loads(json.dumps(dict(world, perception=perception, config=asdict(ZoomWorldConfig()))))  # as read back
     if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
         return print(f"{zoom}: up to date, skipped")
-    print(f"writing the zoom world to {zoom} ({world['n_train']} train, {world['n_eval']} eval)", flush=True)
+    print(f"writing the zoom world to {zoom} ({world['n_train']} train, {world['n_eval']} eval; perception "
+          f"{perception})", flush=True)
     shutil.rmtree(zoom + ".tmp", ignore_errors=True)
     make_world(zoom + ".tmp", **world)
+    for name, (n, share_read) in dict(perception, heldout=(perception["heldout"], 0.5)).items():
+        make_perception(zoom + ".tmp", n, seed=world["seed"], share_read=share_read, name=f"perception_{name}")
+    m = read_json(os.path.join(zoom + ".tmp", "meta.json"))
+    atomic_write(os.path.join(zoom + ".tmp", "meta.json"), json.dumps(dict(m, perception=perception), indent=1))
     shutil.rmtree(zoom, ignore_errors=True)
     os.replace(zoom + ".tmp", zoom)
 
@@ -715,17 +815,20 @@ def main(argv=None):
     root = (args.out or os.path.join("out", "smoke" if args.smoke else "")).rstrip("/") or "."
     t0, times = time.time(), {}
     zoom = os.path.join(root, "zoom")
-    make_data(zoom, preset["world"])
+    make_data(zoom, preset["world"], preset["perception"])
     for v in ("", "-vanilla"):
         if not os.path.exists(os.path.join(root, "tiny-base" + v, "config.json")):
             print(f"building the random tiny base model {root}/tiny-base{v}", flush=True)
             build_tiny_base(os.path.join(root, "tiny-base" + v), vanilla=v != "")
     times["data and bases"] = time.time() - t0
-    for v in ("", "-vanilla"):
-        for stage, model in (("sft", f"tiny-base{v}"), ("grpo", f"sft{v}/latest")):
+    for v in ("", "-vanilla"):  # (stage, its script, the model it starts from, its data)
+        for stage, script, model, data in (("look", "sft", f"tiny-base{v}", "perception_look.jsonl"),
+                                           ("read", "sft", f"look{v}/latest", "perception_read.jsonl"),
+                                           ("sft", "sft", f"read{v}/latest", "train.jsonl"),
+                                           ("grpo", "grpo", f"sft{v}/latest", "train.jsonl")):
             t = time.time()
-            train(stage + ".py", os.path.join(root, model), os.path.join(zoom, "train.jsonl"),
-                  os.path.join(root, stage + v), preset[stage])
+            train(script + ".py", os.path.join(root, model), os.path.join(zoom, data), os.path.join(root, stage + v),
+                  preset[stage])
             times[stage + v] = time.time() - t
     t = time.time()
     bench, demo = os.path.join(zoom, "eval.jsonl"), os.path.join(root, "demo")
@@ -742,11 +845,15 @@ def main(argv=None):
     times["eval"] = time.time() - t
     t = time.time()
     probes = {}  # the sub-skills of each stage's model, teacher-forced on the held-out split
-    for stage, folder in (("base", "tiny-base"), ("sft", "sft"), ("grpo", "grpo")):
-        ckpt = os.path.join(root, folder) if stage == "base" else latest_checkpoint(os.path.join(root, folder))
+    for stage in ("base", "look", "read", "sft", "grpo"):
+        ckpt = os.path.join(root, "tiny-base") if stage == "base" else latest_checkpoint(os.path.join(root, stage))
         probes[stage] = probe_model(ckpt, bench, os.path.dirname(bench))
+        own = probe_perception(ckpt, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the perception stages' own
+        probes[stage].update(perception_ground=own["ground"], perception_read=own["read"], perception_n=own["n"])
         print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in PROBES) +
-              f" (n={probes[stage]['n']})", flush=True)
+              f" (n={probes[stage]['n']}); the perception records' own: ground {own['ground']:.1f}%, read "
+              f"{own['read']:.1f}% (n={own['n']}); visual features: spread over tokens {probes[stage]['feature_spread']:.4f}, "
+              f"|mean| {probes[stage]['feature_mean']:.4f}", flush=True)
     times["probes"] = time.time() - t
     atomic_write(os.path.join(demo, "probes.json"), json.dumps(probes, indent=1) + "\n")
     atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
@@ -870,13 +977,47 @@ def probe_model(model_dir, bench, image_root, limit=None):
     """{probe: accuracy in percent, "n": records probed} for a checkpoint on held-out records."""
     model, ct = rollout.load(model_dir)
     model.eval()
-    right = {p: [] for p in PROBES}
+    right, spread, mean = {p: [] for p in PROBES}, [], []
     probed = [(where, probes) for where, rec in read_jsonl(bench)[0] if (probes := probe_candidates(rec))][:limit]
     for where, probes in probed:
         for p, (cands, gold) in probes.items():
             samples = [render_sample(c, where, image_root, ct) for c in cands]
             right[p].append(int(slot_scores(model, samples).argmax()) == gold)
-    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(probed))
+        v = samples[0]["context"].views[0]  # the original, as the initial view encodes it
+        with torch.no_grad():
+            f = model.encode_images(v.pixel_values, v.grid_thw[None])
+        spread.append(float(f.std(0).mean())), mean.append(float(f.mean(0).abs().mean()))
+    # the issue's instrument: the visual tokens' variation across one image's tokens against the
+    # magnitude of their shared mean (a collapse grows the mean while the variation stays)
+    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(probed),
+                feature_spread=statistics.fmean(spread), feature_mean=statistics.fmean(mean))
+
+
+def probe_perception(model_dir, path, image_root, limit=None, cfg=ZoomWorldConfig()):
+    """{"ground": %, "read": %, "n": records} of a checkpoint on held-out make_perception records,
+    scored like the probes: the place of image 0's card among the grid's cells, the dots among
+    dot_count's values, each the candidate the model finds most likely."""
+    model, ct = rollout.load(model_dir)
+    model.eval()
+    places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
+    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1))
+    right = {"ground": [], "read": []}
+    for where, rec in read_jsonl(path, need_steps=True, need_answer=False)[0][:limit]:
+        think = rec["steps"][0]["think"]
+        if rec["task"] == "ground":
+            color = next(c for c in COLORS if c in rec["question"].split())
+            head = TEXT["t_where"].format(color=color, places="")  # "The red card is ." : the places follow it
+            head = head[:-1]
+            gold = next(p for p in places if think.startswith(f"{head}{p} of image 0"))
+            thinks = [f"{head}{p}{think[len(head) + len(gold):]}" for p in places]
+            k = places.index(gold)
+        else:
+            v = int(rec["steps"][0]["answer"])
+            thinks, k = [think.replace(f"has {v} dots", f"has {u} dots") for u in values], values.index(v)
+        cands = [dict(rec, steps=[dict(rec["steps"][0], think=t)]) for t in thinks]
+        samples = [render_sample(c, where, image_root, ct) for c in cands]
+        right[rec["task"]].append(int(slot_scores(model, samples).argmax()) == k)
+    return dict({t: 100 * statistics.fmean(v) for t, v in right.items() if v}, n=sum(map(len, right.values())))
 
 
 def train_reward_fifths(log_path):

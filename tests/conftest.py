@@ -40,7 +40,9 @@ def tokenizer(tmp_path_factory):
 
 
 # every kind of sample (the demo's default is dots only, on a 2x2 grid, no crop of a crop)
-ZW_CFG = zw.ZoomWorldConfig(mark_kinds=("dots", "digit"), grid=(3, 3), n_cards=(3, 6), share_crop_of_crop=0.25)
+# every kind of sample on a 3x3 grid (the demo's world is 2x2, one card per image): small cards, no ramp
+ZW_CFG = zw.ZoomWorldConfig(mark_kinds=("dots", "digit"), grid=(3, 3), n_cards=(3, 6), share_crop_of_crop=0.25,
+                            card_size=(64, 40), card_border=6, dot_size=8, dot_grid=(4, 2), ramp=0)
 
 
 @pytest.fixture(scope="session")

@@ -87,8 +87,8 @@ def baseline(world):
     return out
 
 
-def final_weights(out_dir):
-    return load_file(os.path.join(out_dir, f"step_{STEPS:06d}", "model.safetensors"))
+def final_weights(out_dir, step=STEPS):
+    return load_file(os.path.join(out_dir, f"step_{step:06d}", "model.safetensors"))
 
 
 def log_rows(out_dir):
@@ -258,6 +258,18 @@ def test_initial_encoding_reaches_every_sample_and_pins_the_run(world, baseline,
     assert len(losses(out)) == 1 and abs(losses(out)[0] - losses(baseline)[0]) > 1e-6
     with pytest.raises(SystemExit, match="--initial-groups 'joint' -> 'per-image'"):
         run(plain + ["--resume"], cwd=world["root"])
+
+
+def test_vision_lr_scales_only_the_tower(world, tmp_path):
+    """--vision-lr: the tower's groups get the schedule times vision_lr / lr. At 0 the tower ends
+    exactly where it started while the LM moves (weight decay is 0)."""
+    out = str(tmp_path / "vlr")
+    run(world["args"] + ["--out-dir", out, "--no-activation-checkpointing", "--vision-lr", "0", "--stop-at-step", "1"],
+        cwd=world["root"])
+    base, after = load_file(os.path.join(world["base"], "model.safetensors")), final_weights(out, 1)
+    vis = [k for k in after if k.startswith("visual.")]
+    assert vis and all(torch.equal(after[k], base[k]) for k in vis)
+    assert not torch.equal(after["lm_head.weight"], base["lm_head.weight"])
 
 
 def test_a_bad_box_on_line_3_stops_sft_before_any_step(world, tmp_path, monkeypatch, capsys):

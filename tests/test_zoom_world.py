@@ -39,17 +39,23 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    assert p.stdout.count("$ python ") == 4 + 6  # 2 x (sft, grpo), 6 eval rows
-    for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/train.jsonl",
+    assert p.stdout.count("$ python ") == 8 + 6  # 2 x (look, read, sft, grpo), 6 eval rows
+    for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/perception_look.jsonl",
+                  "sft.py --model out/smoke/look/latest --data out/smoke/zoom/perception_read.jsonl",
+                  "sft.py --model out/smoke/read/latest --data out/smoke/zoom/train.jsonl",
                   "grpo.py --model out/smoke/sft/latest --data out/smoke/zoom/train.jsonl",
                   "eval.py --model out/smoke/grpo/step_000002"):
         assert f"{ROOT}/{stage}" in p.stdout, stage  # each stage's command line, as a user types it
     smoke = tmp_path / "out" / "smoke"
     real = lambda p: os.path.realpath(p)  # noqa: E731
     for v in ("", "-vanilla"):
+        look_meta = json.load(open(smoke / f"look{v}" / "latest" / "meta.json"))
+        read_meta = json.load(open(smoke / f"read{v}" / "latest" / "meta.json"))
         sft_meta = json.load(open(smoke / f"sft{v}" / "latest" / "meta.json"))
         grpo_meta = json.load(open(smoke / f"grpo{v}" / "latest" / "meta.json"))
-        assert real(sft_meta["init_from"]) == real(smoke / f"tiny-base{v}") and sft_meta["step"] == 8  # 16 samples / 2
+        assert real(look_meta["init_from"]) == real(smoke / f"tiny-base{v}") and look_meta["step"] == 2  # 8 / 4
+        assert real(read_meta["init_from"]) == real(smoke / f"look{v}" / "latest") and read_meta["step"] == 2
+        assert real(sft_meta["init_from"]) == real(smoke / f"read{v}" / "latest") and sft_meta["step"] == 8
         assert real(grpo_meta["init_from"]) == real(smoke / f"sft{v}" / "latest") and grpo_meta["step"] == 2
         config = json.load(open(smoke / f"grpo{v}" / "latest" / "config.json"))
         assert (config["model_type"] == "vilavt") == (v == "")  # the vanilla pipeline has no inquiry path
@@ -69,9 +75,11 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     grpo_log = [json.loads(ln)["reward"] for ln in open(smoke / "grpo" / "log.jsonl")]
     assert rows[2]["train_reward_first_fifth"] == grpo_log[0] and rows[2]["train_reward_last_fifth"] == grpo_log[-1]
     probes = json.load(open(smoke / "demo" / "probes.json"))
-    assert list(probes) == ["base", "sft", "grpo"]
+    assert list(probes) == ["base", "look", "read", "sft", "grpo"]
     for stage in probes.values():
         assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zw.PROBES), stage
+        assert stage["perception_n"] == 4 and 0 <= stage["perception_ground"] <= 100, stage
+        assert stage["feature_spread"] > 0 and stage["feature_mean"] > 0, stage
     table = open(smoke / "demo" / "results.md").read()
     assert all(f"| {r} |" in table for r in ROWS)
     before = {p: os.path.getmtime(p) for p in (smoke / "sft" / "latest" / "meta.json", smoke / "demo" / "chat.jsonl")}
@@ -79,6 +87,35 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
                        timeout=600)
     assert p.returncode == 0 and "$ python" not in p.stdout, p.stdout[-3000:]  # every stage skipped
     assert all(os.path.getmtime(p) == t for p, t in before.items())
+
+
+def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
+    """make_perception: sft.py's loader takes every record; a grounding answer's cells (display
+    px) hold the asked card of each image and its think names their places; a reading record's
+    image is the card's cell at zoom scale, where its dots show at full contrast."""
+    path = zw.make_perception(str(tmp_path), 24, name="p")
+    ct = data.ChatTokenizer(tokenizer)
+    ds = data.TrajectoryDataset(path, str(tmp_path), ct, zw.display_budget())
+    recs = [rec for _, rec in ds.records]
+    assert {r["task"] for r in recs} == {"ground", "read"} and sum(r["task"] == "read" for r in recs) == 12
+    cfg = zw.ZoomWorldConfig()
+    for i, rec in enumerate(recs):
+        s = ds[i]
+        assert (s["labels"] != -100).sum() > 0 and len(s["context"].views) == len(rec["images"])
+        think, answer = rec["steps"][0]["think"], rec["steps"][0]["answer"]
+        if rec["task"] == "ground":
+            boxes = json.loads(answer)
+            assert [b["index"] for b in boxes] == list(range(len(rec["images"])))
+            for b, t in zip(boxes, rec["target_boxes"]):
+                (W, H) = s["context"].views[b["index"]].display
+                cell = [b["bbox_2d"][0] / W, b["bbox_2d"][1] / H, b["bbox_2d"][2] / W, b["bbox_2d"][3] / H]
+                assert zw.covers(cell, t)
+                assert zw._place(cfg, [v * 336 for v in t]) + f" of image {b['index']}" in think
+        else:
+            img = np.asarray(Image.open(tmp_path / rec["images"][0]).convert("L"))
+            assert img.shape == (168, 168) and f"has {answer} dots" in think
+            lo, hi = cfg.ink_levels
+            assert (img <= lo + 20).sum() >= int(answer) * (cfg.dot_size // 2) ** 2  # each dot: its dark half (the ramp moves it +-16)
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
@@ -297,21 +334,25 @@ def test_zoom_world_shares(zoom_world):
     assert sum(meta["counts"]["train"].values()) == n and meta["budget"]["max_pixels"] == 168 * 168
 
 
-def test_zoom_world_marks_need_the_zoom():
+@pytest.mark.parametrize("cfg, box, other, slots, off_grid", [
+    # the tests' 3x3 world of small cards; 40x30 display px around the card: the 80x60 crop is resampled to 84x56
+    (ZW_CFG, (120, 128, 184, 168), (240, 240, 304, 280), ([0, 1], [0, 2, 3, 5, 7]), [55, 59, 95, 89]),
+    # the demo's world (the defaults): big cards, big dots, the colour ramp; a 50x38 display px zoom
+    (zw.ZoomWorldConfig(), (24, 40, 104, 96), (200, 200, 280, 256), ([0, 1], [0, 1, 2, 4, 5]), [7, 15, 57, 53])])
+def test_zoom_world_marks_need_the_zoom(cfg, box, other, slots, off_grid):
     """The honest resolution check. Two scenes identical but for the target card's mark (2 vs 5
     dots; digits 3 vs 8, which differ in just two font cells). At the display the model gets
     for the original (BICUBIC to 168x168, as preprocess_image does), the card images differ by
     at most a few grey levels (rounding, bicubic tails at mark corners). After the gold zoom
     (crop rule + smart_resize), they differ by ~100 levels; also after an off-grid zoom whose
     crop smart_resize has to resample."""
-    Wd, Hd, r = zw._geometry(ZW_CFG)
-    budget = zw.display_budget(ZW_CFG)
+    Wd, Hd, r = zw._geometry(cfg)
+    budget = zw.display_budget(cfg)
 
     def scene(kind, value, slots):
-        target = {"color": "red", "kind": kind, "value": value, "slots": slots, "big": False,
-                  "box": (120, 128, 184, 168)}
-        other = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": (240, 240, 304, 280)}
-        return zw._render(np.random.default_rng(7), ZW_CFG, r, [target, other])
+        target = {"color": "red", "kind": kind, "value": value, "slots": slots, "big": False, "box": box}
+        blue = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": other}
+        return zw._render(np.random.default_rng(7), cfg, r, [target, blue])
 
     def card_diff(a, b, box):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
@@ -325,10 +366,11 @@ def test_zoom_world_marks_need_the_zoom():
         h, w = pixels.smart_resize(crop.height, crop.width, pixels.FACTOR, pixels.MIN_PIXELS, budget.for_crops())
         return np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC)), region, (w, h)
 
-    card = (120 / 336, 128 / 336, 184 / 336, 168 / 336)
-    gold = zw._cells_bbox(ZW_CFG, (Wd, Hd, r), zw._cell(ZW_CFG, [v * 336 for v in card]))
-    off_grid = [55, 59, 95, 89]  # 40x30 display px around the card: the 80x60 crop is resampled to 84x56
-    for kind, (va, sa), (vb, sb) in [("dots", (2, [0, 1]), (5, [0, 2, 3, 5, 7])), ("digit", (3, None), (8, None))]:
+    card = tuple(v / 336 for v in box)
+    gold = zw._cells_bbox(cfg, (Wd, Hd, r), zw._cell(cfg, box))
+    for kind, (va, sa), (vb, sb) in [("dots", (2, slots[0]), (5, slots[1])), ("digit", (3, None), (8, None))]:
+        if kind not in cfg.mark_kinds:  # the demo's world draws dots only
+            continue
         A, B = scene(kind, va, sa), scene(kind, vb, sb)
         a, _, _ = shown(A)
         b, _, _ = shown(B)
