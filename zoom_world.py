@@ -1,18 +1,20 @@
 """
 The zoom world: the CPU demo of the whole method, as a synthetic task and a driver.
 
-    python zoom_world.py              # data, tiny base models, SFT, GRPO, eval -> out/demo/results.md
+    python zoom_world.py              # data, tiny bases, perception, SFT, GRPO, eval -> out/demo/results.md
     python zoom_world.py --smoke      # the same sequence in miniature under out/smoke/ (CI, ~1 min)
 
 The task writes images and gold "chatting with images" trajectories in the project's record
-schema, answerable only by zooming in. The driver runs the pipeline as a user types it (`python
-sft.py --model ... --data ...`, then grpo.py, eval.py), printing each command first. The scripts
-know nothing of this file: they see an HF model folder and a JSONL file, as at 7B. This file
-owns the task's data, its tiny tokenizer and base models, the sizes of every stage (PRESETS) and
-the task's metrics (box hit, the results table). Folders under out/ (out/smoke/ with --smoke),
-each stage starting from the previous one's `latest`:
+schema, answerable only by zooming in, and the perception records that come first (a base that can
+see: where the asked card is, and its dots on a zoom). The driver runs the pipeline as a user types
+it (`python sft.py --model ... --data ...`, then grpo.py, eval.py), printing each command first. The
+scripts know nothing of this file: they see an HF model folder and a JSONL file, as at 7B. This file
+owns the task's data, its tiny tokenizer and base models and the sizes of every stage (PRESETS);
+zoom_metrics.py holds its instruments (the results table, the probes). Folders under out/
+(out/smoke/ with --smoke), each stage starting from the previous one's `latest`:
 
-    zoom/  tiny-base[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/  demo/ (<row>.jsonl, results.json, .md, probes.json)
+    zoom/  tiny-base[-vanilla]/  look[-vanilla]/  read[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/
+    demo/ (<row>.jsonl, results.json, .md, probes.json)
 
 Resumable: a stage whose output is complete and newer than its input is skipped, a training run
 cut short continues with --resume, an output older than its input is redone.
@@ -25,7 +27,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -37,15 +38,12 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
-import rollout  # its checkpoint loader
-from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, ENCODER_KEYS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM,
-                  SYSTEM_PROMPT, TOOL_FORMAT, Budget, Context, format_question, images_header, observation_parts,
-                  prompt_parts, read_jsonl, render_sample)
+from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM, SYSTEM_PROMPT,
+                  TOOL_FORMAT, Budget, format_question, observation_parts, prompt_parts)
 from tiny_tokenizer import train_tokenizer
-from eval import final_answer, load_bench, read_results, results_files, score_answer
+from eval import load_bench, read_results, results_files
 from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
-from reward import format_ok
 from training import latest_checkpoint  # the scripts' checkpoint layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tokenizer_corpus():
     """build_tokenizer's text: every fixed prompt, one rendered prompt and observation, the zoom
     world's sentences with each colour, place and number, and the printable ASCII characters."""
-    texts = [SYSTEM_PROMPT, SYSTEM, INSTRUCTIONS, PLAIN_SYSTEM, DIRECT_INSTRUCTIONS, TOOL_FORMAT, ANSWER_FORMAT,
+    texts = [SYSTEM_PROMPT, SYSTEM, PLAIN_SYSTEM, DIRECT_INSTRUCTIONS, TOOL_FORMAT, ANSWER_FORMAT,
              CONTINUE_NOTE, FINAL_NOTE]
     texts += [p for p in prompt_parts([(224, 224), (224, 224)], "How many dots are on the red card?")
               + observation_parts(2, [(84, 56)]) if p is not IMAGE]
@@ -108,7 +106,7 @@ def build_tiny_base(out_dir, seed=0, vanilla=False):
 # antialiased resize to the display cancels: the label shows as flat grey whatever the mark,
 # up to a few grey levels at mark corners (tests/test_zoom_world.py measures <= 4 of 255).
 # A zoom is cut at 2x the displayed scale (crop rule), so the texture's period becomes 2 crop
-# px, the finest a pixel grid holds: the marks (8 px dots, a 12x20 px digit at r = 2) show
+# px, the finest a pixel grid holds: the marks (12 px dots by default, a 12x20 px digit at r = 2) show
 # at full contrast in the crop, and at 4 px per period in a crop of a crop.
 # Visible at the display: the cards, their colours, sizes and number. Questions about those
 # are the text-only share (App. A.3): a single answer step, no tool call.
@@ -169,20 +167,23 @@ class ZoomWorldConfig:
 # The zoom world's prompts (every chat record's `system` and `prompt`, read alike by SFT, GRPO and
 # eval). A deliberate difference from Figures 15/16 (~500 tokens around every question): with
 # those, the tiny model never learned to copy the card's colour from the question (teacher-forced,
-# 7/33 and 3/33 right, chance 1/7, after 384 steps of 8 and 600 of 2). So it asks in ~30 tokens,
-# question last; the tool-call format is learned from the gold turns; observations stay SPEC 4's.
-SYSTEM = "You are a helpful assistant. You can zoom in on image regions with the tool."
-INSTRUCTIONS = "Think first, then zoom in with <tool> or answer with <answer>."
+# 7/33 and 3/33 right, chance 1/7, after 384 steps of 8 and 600 of 2). Then ~45 tokens (a
+# one-sentence system prompt, Figure 16's index and size lines, a one-line instruction, the
+# question) still kept a random tiny model from learning to read: the same reading records, 500
+# steps of 16, gave 25% held-out with that prompt and 90% with a one-word system prompt and the
+# images followed by the question (README, "Learning to look", runs R1-R4): at first the answer
+# attends evenly over everything before it, so every prompt token dilutes what the image tokens
+# teach. So it asks with the images and the question alone; the tool-call format is learned from
+# the gold turns; observations stay SPEC 4's.
+SYSTEM = "Look."
 
 
-def user_turn(n_images, display, question, question_first=False):
-    """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the image
-    index and size lines of Figure 16, a one-line instruction, then the question (or the
-    question first: ZoomWorldConfig.question_first)."""
-    text = "".join(f"<image>The index of the provided image is {i}.\n" for i in range(n_images))
+def user_turn(n_images, question, question_first=False):
+    """The zoom world's user turn ('<image>' placeholders, the record's "prompt"): the images in
+    index order, then the question (or the question first: ZoomWorldConfig.question_first)."""
     if question_first:
-        return "Question: " + question + "\n" + text + images_header([display] * n_images) + INSTRUCTIONS
-    return text + images_header([display] * n_images) + INSTRUCTIONS + "\nQuestion: " + question
+        return question + "\n" + "<image>" * n_images
+    return "<image>" * n_images + question
 
 
 COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),
@@ -572,7 +573,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
     if direct:
         rec.update(mode="direct", max_tool_calls=0)
     else:
-        rec.update(system=SYSTEM, prompt=user_turn(len(images), (Wd, Hd), format_question(question, options), cfg.question_first))
+        rec.update(system=SYSTEM, prompt=user_turn(len(images), format_question(question, options), cfg.question_first))
     return rec, images
 
 
@@ -668,10 +669,9 @@ def _perception_sample(rng, cfg, geom, name, read):
         target_boxes = [[t["box"][0] / cfg.canvas_size[0], t["box"][1] / cfg.canvas_size[1],
                          t["box"][2] / cfg.canvas_size[0], t["box"][3] / cfg.canvas_size[1]] for t in targets]
     paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
-    display = (Wd, Hd) if not read else images[0].size  # a zoom's cell is shown at its own size (<= display)
     rec = {"id": name, "images": paths, "question": question, "task": "read" if read else "ground",
            "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": steps,
-           "prompt": user_turn(len(images), display, question, cfg.question_first)}
+           "prompt": user_turn(len(images), question, cfg.question_first)}
     if not read:
         rec["target_boxes"] = target_boxes  # as make_world's: the asked card's box, normalised to each original
     return rec, images
@@ -745,9 +745,6 @@ ROWS = (("direct", "sft", "--mode direct"),  # the SFT model answering directly 
         ("vanilla", "grpo-vanilla", "--mode chat"),  # the same SFT + GRPO with the vanilla encoder
         ("no_inquiry", "grpo", "--mode chat --no-inquiry"),  # after GRPO, the query blanked at re-encoding
         ("blank_crops", "sft", "--mode chat --blank-crops"))  # the chat row with every crop flat grey: what looking buys
-COLUMNS = (("accuracy", "Acc (MC)"), ("mra", "MRA (num.)"), ("score", "All"), ("format_rate", "Format"),
-           ("tool_calls", "Tools/q"), ("box_hit_rate", "Box hit"), ("accuracy_multi_image", "Acc multi-img"))
-
 
 # -----------------------------------------------------------------------------
 # the driver
@@ -807,6 +804,7 @@ def evaluate(ckpt, bench, out, flags, n):
 
 
 def main(argv=None):
+    import zoom_metrics as zm  # the demo's instruments (their own file, which imports this one)
     ap = argparse.ArgumentParser(description="The zoom-world demo: data, tiny models, SFT, GRPO, eval (README)")
     ap.add_argument("--smoke", action="store_true", help="the smoke preset, under out/smoke/ (CI)")
     ap.add_argument("--out", help="the demo's folder (default: out, or out/smoke with --smoke)")
@@ -836,207 +834,32 @@ def main(argv=None):
     for row, stage, flags in ROWS:
         ckpt, out = latest_checkpoint(os.path.join(root, stage)), os.path.join(demo, row + ".jsonl")
         evaluate(ckpt, bench, out, flags + " " + preset["eval"], len(questions))
-        rows.append(dict(name=row, **demo_metrics(questions, read_results(results_files(out))[0]),
+        rows.append(dict(name=row, **zm.demo_metrics(questions, read_results(results_files(out))[0]),
                          checkpoint=os.path.abspath(ckpt), mode=flags.split()[1], inquiry="--no-inquiry" not in flags,
                          blank_crops="--blank-crops" in flags,
                          decoding="greedy"))
         if row == "grpo":  # did RL raise its own training reward? (the issue's "RL helps" test)
-            rows[-1].update(train_reward_fifths(os.path.join(root, "grpo", "log.jsonl")))
+            rows[-1].update(zm.train_reward_fifths(os.path.join(root, "grpo", "log.jsonl")))
     times["eval"] = time.time() - t
     t = time.time()
     probes = {}  # the sub-skills of each stage's model, teacher-forced on the held-out split
     for stage in ("base", "look", "read", "sft", "grpo"):
         ckpt = os.path.join(root, "tiny-base") if stage == "base" else latest_checkpoint(os.path.join(root, stage))
-        probes[stage] = probe_model(ckpt, bench, os.path.dirname(bench))
-        own = probe_perception(ckpt, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the perception stages' own
+        probes[stage] = zm.probe_model(ckpt, bench, os.path.dirname(bench))
+        own = zm.probe_perception(ckpt, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the perception stages' own
         probes[stage].update(perception_ground=own["ground"], perception_read=own["read"], perception_n=own["n"])
-        print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in PROBES) +
+        print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in zm.PROBES) +
               f" (n={probes[stage]['n']}); the perception records' own: ground {own['ground']:.1f}%, read "
               f"{own['read']:.1f}% (n={own['n']}); visual features: spread over tokens {probes[stage]['feature_spread']:.4f}, "
               f"|mean| {probes[stage]['feature_mean']:.4f}", flush=True)
     times["probes"] = time.time() - t
     atomic_write(os.path.join(demo, "probes.json"), json.dumps(probes, indent=1) + "\n")
     atomic_write(os.path.join(demo, "results.json"), json.dumps(rows, indent=1) + "\n")
-    atomic_write(os.path.join(demo, "results.md"), demo_table(rows))
-    print("\n" + demo_table(rows) + f"\nwrote {os.path.join(demo, 'results.json')}")
+    atomic_write(os.path.join(demo, "results.md"), zm.demo_table(rows))
+    print("\n" + zm.demo_table(rows) + f"\nwrote {os.path.join(demo, 'results.json')}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
           f"; in all {(time.time() - t0) / 60:.1f} min ({torch.get_num_threads()} threads per process)")
     return rows
-
-
-# -----------------------------------------------------------------------------
-# the task's metrics: the results table's columns
-
-
-def covers(region, box, eps=1e-6):
-    """A normalised region (x1, y1, x2, y2) holds all of box."""
-    return (region[0] <= box[0] + eps and region[1] <= box[1] + eps and region[2] >= box[2] - eps
-            and region[3] >= box[3] - eps)
-
-
-def demo_metrics(questions, lines):
-    """The table's columns of one run, from its results lines and the zoom world's records
-    (q["meta"]: category, target_boxes). In percent: accuracy (MC questions), mra (numerical,
-    the benchmark MRA), score (all), format_rate (R_format, SPEC 5), box_hit_rate (boxes of valid
-    calls whose crop holds its image's target card; images without a target do not count),
-    accuracy_multi_image (multi-image questions exactly right); tool_calls per question, valid
-    or not. A failed question scores 0, has no valid format and no tool calls."""
-    mc, num, fmt, calls, multi, boxes = [], [], [], [], [], []
-    for q in questions:
-        line = lines[str(q["qid"])]
-        ok = line.get("error") is None
-        s = score_answer(final_answer(line["response"], line["mode"]), q)[0] if ok else 0.0
-        (mc if q["kind"] == "multiple choice" else num).append(s)
-        if q["meta"].get("category") == "multi":
-            multi.append(s == 1.0)
-        if not ok:
-            fmt.append(False), calls.append(0)
-            continue
-        sizes = [tuple(x) for x in line["image_sizes"]] + [tuple(c["size"]) for c in line["crops"]]
-        fmt.append(format_ok(line["turns"], sizes)[0])
-        calls.append(line["n_tool_calls"])
-        sources = list(range(len(line["image_sizes"])))  # the original each image is cut from
-        for c in line["crops"]:
-            sources.append(sources[c["index"]])
-            target = q["meta"]["target_boxes"][sources[-1]]
-            if target is not None:
-                boxes.append(covers(c["region"], target))
-    pct = lambda v: 100 * statistics.fmean(v) if v else None  # noqa: E731
-    return dict(n=len(questions), accuracy=pct(mc), mra=pct(num), score=pct(mc + num), format_rate=pct(fmt),
-                tool_calls=statistics.fmean(calls), box_hit_rate=pct(boxes), accuracy_multi_image=pct(multi),
-                n_boxes=len(boxes), n_multi_image=len(multi))
-
-
-# -----------------------------------------------------------------------------
-# probes: the sub-skills a chat trajectory strings together, teacher-forced on held-out records
-#
-# Each probe takes a held-out single-image zoom record, keeps its gold trajectory (gold boxes,
-# gold crops) and swaps one slot of one gold think for each candidate value; the model's choice
-# is the candidate whose slot tokens it finds most likely, after the same prefix. So a probe
-# measures one skill in isolation: what the model would write there if everything before it
-# were right. copy: the card's colour, named in the question ("The question is about the {color}
-# card"); grounding: the cell of that card in the initial view ("which is {place}"), the skill
-# the bbox follows from; reading: the mark's value seen in the gold crop ("the red card has
-# {value} dots"), after the zoom.
-
-PROBES = ("copy", "grounding", "reading")
-
-
-def probe_candidates(rec, cfg=ZoomWorldConfig()):
-    """{probe: (records, index of the gold one)} for one record: copies of rec whose gold steps
-    differ only in the probe's slot; {} for a record no probe applies to (multi-image, text-only,
-    crop of crop, direct)."""
-    if rec.get("category") != "single" or rec["task"].endswith("-zoom2") or rec.get("mode") == "direct":
-        return {}
-    card = next(c for c in rec["scene"][0] if c["color"] in rec["question"].split())
-    color, place = card["color"], rec["steps"][0]["think"].split("which is ")[1].split(" of image")[0]
-    words = dict(_KIND[rec["mark"]], color=color)
-    places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
-    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if rec["mark"] == "dots" else list(range(1, 10))
-
-    def swap(k, think):
-        steps = [dict(s) for s in rec["steps"]]
-        steps[k]["think"] = think
-        return dict(rec, steps=steps)
-
-    zoom = lambda c, p: TEXT["t_zoom"].format(place=p, index=0, **dict(words, color=c))  # noqa: E731
-    last = len(rec["steps"]) - 1
-    read = lambda v: rec["steps"][last]["think"].replace(  # noqa: E731
-        TEXT[f"t_read_{rec['mark']}"].format(k=1, value=card["value"], **words),
-        TEXT[f"t_read_{rec['mark']}"].format(k=1, value=v, **words))
-    return {"copy": ([swap(0, zoom(c, place)) for c in COLORS], list(COLORS).index(color)),
-            "grounding": ([swap(0, zoom(color, p)) for p in places], places.index(place)),
-            "reading": ([swap(last, read(v)) for v in values], values.index(card["value"]))}
-
-
-def slot_scores(model, samples):
-    """(n,) summed log-probs of each candidate's slot: the token span where the candidates' ids
-    differ (their common prefix and suffix are left out), teacher-forced in one padded batch
-    (right padding is inert under causal attention)."""
-    ids = [s["input_ids"].tolist() for s in samples]
-    pre = _common_prefix(ids)
-    suf = _common_prefix([row[pre:][::-1] for row in ids])
-    T = max(map(len, ids))
-    x = torch.zeros(len(ids), T, dtype=torch.long)  # pad with token 0, a text token
-    targets = torch.full((len(ids), T), -100)
-    for b, row in enumerate(ids):
-        x[b, :len(row)] = torch.tensor(row)
-        targets[b, pre - 1:len(row) - suf - 1] = x[b, pre:len(row) - suf]  # position t predicts token t+1
-    enc = Context.merge_encoder_inputs([{k: s[k] for k in ENCODER_KEYS} for s in samples])
-    with torch.no_grad():
-        return model.token_logprobs(model.hidden_states(x, **enc), targets).sum(1)
-
-
-def _common_prefix(rows):
-    """Length of the longest prefix all rows share."""
-    n = min(map(len, rows))
-    return next((i for i in range(n) if len({row[i] for row in rows}) > 1), n)
-
-
-def probe_model(model_dir, bench, image_root, limit=None):
-    """{probe: accuracy in percent, "n": records probed} for a checkpoint on held-out records."""
-    model, ct = rollout.load(model_dir)
-    model.eval()
-    right, spread, mean = {p: [] for p in PROBES}, [], []
-    probed = [(where, probes) for where, rec in read_jsonl(bench)[0] if (probes := probe_candidates(rec))][:limit]
-    for where, probes in probed:
-        for p, (cands, gold) in probes.items():
-            samples = [render_sample(c, where, image_root, ct) for c in cands]
-            right[p].append(int(slot_scores(model, samples).argmax()) == gold)
-        v = samples[0]["context"].views[0]  # the original, as the initial view encodes it
-        with torch.no_grad():
-            f = model.encode_images(v.pixel_values, v.grid_thw[None])
-        spread.append(float(f.std(0).mean())), mean.append(float(f.mean(0).abs().mean()))
-    # the issue's instrument: the visual tokens' variation across one image's tokens against the
-    # magnitude of their shared mean (a collapse grows the mean while the variation stays)
-    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(probed),
-                feature_spread=statistics.fmean(spread), feature_mean=statistics.fmean(mean))
-
-
-def probe_perception(model_dir, path, image_root, limit=None, cfg=ZoomWorldConfig()):
-    """{"ground": %, "read": %, "n": records} of a checkpoint on held-out make_perception records,
-    scored like the probes: the place of image 0's card among the grid's cells, the dots among
-    dot_count's values, each the candidate the model finds most likely."""
-    model, ct = rollout.load(model_dir)
-    model.eval()
-    places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
-    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1))
-    right = {"ground": [], "read": []}
-    for where, rec in read_jsonl(path, need_steps=True, need_answer=False)[0][:limit]:
-        think = rec["steps"][0]["think"]
-        if rec["task"] == "ground":
-            color = next(c for c in COLORS if c in rec["question"].split())
-            head = TEXT["t_where"].format(color=color, places="")  # "The red card is ." : the places follow it
-            head = head[:-1]
-            gold = next(p for p in places if think.startswith(f"{head}{p} of image 0"))
-            thinks = [f"{head}{p}{think[len(head) + len(gold):]}" for p in places]
-            k = places.index(gold)
-        else:
-            v = int(rec["steps"][0]["answer"])
-            thinks, k = [think.replace(f"has {v} dots", f"has {u} dots") for u in values], values.index(v)
-        cands = [dict(rec, steps=[dict(rec["steps"][0], think=t)]) for t in thinks]
-        samples = [render_sample(c, where, image_root, ct) for c in cands]
-        right[rec["task"]].append(int(slot_scores(model, samples).argmax()) == k)
-    return dict({t: 100 * statistics.fmean(v) for t, v in right.items() if v}, n=sum(map(len, right.values())))
-
-
-def train_reward_fifths(log_path):
-    """Mean GRPO training reward over the first and the last fifth of its steps (at least one
-    step each), from grpo.py's log.jsonl."""
-    with open(log_path) as f:
-        rewards = [json.loads(ln)["reward"] for ln in f if ln.strip()]
-    k = max(1, len(rewards) // 5)
-    return dict(train_reward_first_fifth=statistics.fmean(rewards[:k]), train_reward_last_fifth=statistics.fmean(rewards[-k:]))
-
-
-def demo_table(rows):
-    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    head = "| Row | " + " | ".join(t for _, t in COLUMNS) + " | Questions |"
-    out = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    for r in rows:
-        cells = [f"{r[k]:.2f}" if k == "tool_calls" else fmt(r[k]) for k, _ in COLUMNS]
-        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n']} |")
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

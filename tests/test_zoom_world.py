@@ -20,6 +20,7 @@ import tiny_tokenizer
 import eval as E
 import grpo
 import rollout
+import zoom_metrics as zm
 import zoom_world as zw
 from conftest import ZW_CFG
 from data import Budget, ChatTokenizer, render_sample
@@ -77,7 +78,7 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     probes = json.load(open(smoke / "demo" / "probes.json"))
     assert list(probes) == ["base", "look", "read", "sft", "grpo"]
     for stage in probes.values():
-        assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zw.PROBES), stage
+        assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zm.PROBES), stage
         assert stage["perception_n"] == 4 and 0 <= stage["perception_ground"] <= 100, stage
         assert stage["feature_spread"] > 0 and stage["feature_mean"] > 0, stage
     table = open(smoke / "demo" / "results.md").read()
@@ -109,7 +110,7 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
             for b, t in zip(boxes, rec["target_boxes"]):
                 (W, H) = s["context"].views[b["index"]].display
                 cell = [b["bbox_2d"][0] / W, b["bbox_2d"][1] / H, b["bbox_2d"][2] / W, b["bbox_2d"][3] / H]
-                assert zw.covers(cell, t)
+                assert zm.covers(cell, t)
                 assert zw._place(cfg, [v * 336 for v in t]) + f" of image {b['index']}" in think
         else:
             img = np.asarray(Image.open(tmp_path / rec["images"][0]).convert("L"))
@@ -169,7 +170,7 @@ def test_demo_metrics_by_hand():
         "c": line("c", "<think> x </think>\n<answer> 12 </answer>", ["<think> x </think>\n<answer> 12"]),
         "d": dict(question_id="d", response=None, error="image: missing", mode="chat"),  # failed: 0, no format
     }
-    m = zw.demo_metrics(qs, lines)
+    m = zm.demo_metrics(qs, lines)
     assert m["accuracy"] == pytest.approx(50.0)  # a right, d failed
     assert m["mra"] == pytest.approx(100 * (1.0 + 0.6) / 2)
     assert m["score"] == pytest.approx(100 * (1 + 1 + 0.6 + 0) / 4)
@@ -177,8 +178,12 @@ def test_demo_metrics_by_hand():
     assert m["tool_calls"] == pytest.approx(2 / 4)
     assert m["box_hit_rate"] == pytest.approx(50.0) and m["n_boxes"] == 2
     assert m["accuracy_multi_image"] == pytest.approx(100.0) and m["n_multi_image"] == 1
-    md = zw.demo_table([dict(name="chat", **m)])
-    assert md.splitlines()[2].startswith("| chat | 50.0 | 80.0 | 65.0 | 50.0 | 0.50 | 50.0 | 100.0 | 4 |")
+    # 95% half-widths, 1.96 sd / sqrt(n) by hand: MC [1, 0] and boxes [1, 0]: sd 0.5, n 2; all [1, 1, 0.6, 0]:
+    # sd sqrt(2.36 / 4 - 0.65^2), n 4
+    assert m["accuracy_ci95"] == pytest.approx(196 * 0.5 / 2 ** 0.5) == m["box_hit_rate_ci95"]
+    assert m["score_ci95"] == pytest.approx(196 * (2.36 / 4 - 0.65 ** 2) ** 0.5 / 2)
+    md = zm.demo_table([dict(name="chat", **m)])
+    assert md.splitlines()[2].startswith("| chat | 50.0 ± 69.3 | 80.0 | 65.0 ± 40.1 | 50.0 | 0.50 | 50.0 ± 69.3 | 100.0 | 4 |")
 
 
 def test_sft_grpo_and_eval_read_a_zoom_record_alike(tmp_path, tokenizer):
@@ -403,7 +408,7 @@ def test_default_zoom_world_boxes_are_the_named_cells(tmp_path):
             x1, y1, x2, y2 = r["bbox_2d"]
             assert x1 <= t[0] and y1 <= t[1] and t[2] <= x2 and t[3] <= y2
             n += 1
-        assert rec["prompt"].endswith("Question: " + data.format_question(rec["question"], rec["options"]))
+        assert rec["prompt"] == "<image>" * len(rec["images"]) + data.format_question(rec["question"], rec["options"])
     assert n >= 15
 
 
@@ -433,17 +438,17 @@ def test_probes_swap_one_slot_and_score_it(tmp_path):
     world = zw.make_world(str(tmp_path / "zoom"), n_train=0, n_eval=12)
     zw.build_tiny_base(str(tmp_path / "base"))
     model, ct = load(str(tmp_path / "base"))
-    recs = [rec for _, rec in data.read_jsonl(world["eval"])[0] if zw.probe_candidates(rec)]
+    recs = [rec for _, rec in data.read_jsonl(world["eval"])[0] if zm.probe_candidates(rec)]
     assert recs and all(r["category"] == "single" for r in recs)
     for rec in recs[:2]:
-        for probe, (cands, gold) in zw.probe_candidates(rec).items():
+        for probe, (cands, gold) in zm.probe_candidates(rec).items():
             assert cands[gold] == rec, probe
             k = 0 if probe != "reading" else len(rec["steps"]) - 1
             for c in cands:
                 assert [s for j, s in enumerate(c["steps"]) if j != k] == [s for j, s in enumerate(rec["steps"]) if j != k]
             assert len({c["steps"][k]["think"] for c in cands}) == len(cands)
             samples = [data.render_sample(c, "x", world["image_root"], ct) for c in cands]
-            got = zw.slot_scores(model, samples)
+            got = zm.slot_scores(model, samples)
             ids = [s["input_ids"].tolist() for s in samples]
             pre = next(i for i in range(len(ids[0])) if len({x[i] for x in ids}) > 1)
             suf = next(i for i in range(len(ids[0])) if len({x[len(x) - 1 - i] for x in ids}) > 1)
