@@ -358,10 +358,15 @@ def start_point(args, keys, model_dir):
             print0(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
         return None, None, init_from
     meta = read_json(os.path.join(ckpt, "meta.json"))
-    changed = [f"--{k.replace('_', '-')} {meta['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
-               if meta["args"].get(k) != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {meta['args'][k]!r} -> {getattr(args, k)!r}" for k in keys
+               if k in meta["args"] and meta["args"][k] != getattr(args, k)]
     if changed:
         raise SystemExit(f"--resume from {ckpt} with changed flags: {'; '.join(changed)}")
+    # a flag newer than the checkpoint: its default reproduces the run's math as it was written
+    newer = [f"--{k.replace('_', '-')} {getattr(args, k)!r}" for k in keys if k not in meta["args"]]
+    if newer:
+        print0(f"--resume: {ckpt} predates {', '.join(newer)}; keep each flag at its default to continue the run "
+               "as it was")
     print0(f"resuming from {ckpt} (step {meta['step']})")
     return ckpt, meta, meta.get("init_from", init_from)
 

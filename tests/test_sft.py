@@ -244,10 +244,11 @@ def test_resume_takes_the_newest_complete_checkpoint_and_never_overwrites(world,
     assert len(losses(out)) == STEPS  # the log is untouched
 
 
-def test_initial_encoding_reaches_every_sample_and_pins_the_run(world, baseline, monkeypatch):
+def test_initial_encoding_reaches_every_sample_and_pins_the_run(world, baseline, monkeypatch, capsys):
     """--initial-groups joint --initial-inquiry question (data.Initial, section 4.4's single pass):
     every sample is rendered with them, the loss differs from the plain run's from step 1 (the
-    originals' features differ), and --resume refuses to change them."""
+    originals' features differ), and --resume refuses to change them; a checkpoint older than
+    the flags resumes, naming them."""
     import data
     seen, real = [], data.render_sample
     monkeypatch.setattr(data, "render_sample", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
@@ -258,6 +259,15 @@ def test_initial_encoding_reaches_every_sample_and_pins_the_run(world, baseline,
     assert len(losses(out)) == 1 and abs(losses(out)[0] - losses(baseline)[0]) > 1e-6
     with pytest.raises(SystemExit, match="--initial-groups 'joint' -> 'per-image'"):
         run(plain + ["--resume"], cwd=world["root"])
+    # a checkpoint written before these flags existed resumes, and says which flags it predates
+    meta_path = os.path.join(out, "step_000001", "meta.json")
+    meta = json.load(open(meta_path))
+    for k in ("initial_groups", "initial_inquiry", "vision_lr"):
+        meta["args"].pop(k)
+    json.dump(meta, open(meta_path, "w"))
+    run(plain + ["--initial-groups", "joint", "--initial-inquiry", "question", "--resume"], cwd=world["root"])
+    assert "predates --vision-lr None, --initial-groups 'joint', --initial-inquiry 'question'" in capsys.readouterr().out
+    assert len(losses(out)) == STEPS
 
 
 def test_vision_lr_scales_only_the_tower(world, tmp_path):
