@@ -368,6 +368,7 @@ def train(args, rank, world, device):
     # a record's own max_pixels (e.g. the zoom world's display size) wins over --max-pixels
     budget = data.Budget(total_tokens=args.total_visual_tokens, max_pixels=args.max_pixels or None)
     records, n_bad = load_prompts(args.data, args.image_root, args.skip_bad, ct, budget, args.max_context)
+    initial = data.Initial.from_args(args)  # the originals' encoder groups and inquiry, every step
     limits = rollout.Limits(max_tool_calls=args.max_tool_calls, max_turn_tokens=args.max_turn_tokens,
                             max_new_tokens=args.max_new_tokens, max_context=args.max_context)
     opt = make_optimizer(model, args)
@@ -403,7 +404,7 @@ def train(args, rank, world, device):
         idx = prompt_order(step, P, len(records), args.seed)
         mine = list(range(rank, P, world))  # global prompt numbers of this rank
         used, prompts, skipped = make_prompts(records, [idx[j] for j in mine], args.image_root, budget, args.skip_bad,
-                                              data.Initial.from_args(args))
+                                              initial)
         # each prompt's samples are seeded by its global number in the run, not by the rank that rolls it out
         prompts = [dataclasses.replace(p, seed=args.seed * 1_000_003 + step * P + j) for p, j in zip(prompts, mine)]
         model.eval()

@@ -18,7 +18,6 @@ import statistics
 
 import torch
 
-import rollout  # its checkpoint loader
 from data import ENCODER_KEYS, Context, read_jsonl, render_sample
 from eval import final_answer, score_answer
 from reward import format_ok
@@ -139,10 +138,9 @@ def _common_prefix(rows):
     return next((i for i in range(n) if len({row[i] for row in rows}) > 1), n)
 
 
-def probe_model(model_dir, bench, image_root, limit=None):
-    """{probe: accuracy in percent, "n": records probed} for a checkpoint on held-out records."""
-    model, ct = rollout.load(model_dir)
-    model.eval()
+def probe_model(model, ct, bench, image_root, limit=None):
+    """{probe: accuracy in percent, "n": records probed} for a model (in eval mode; rollout.load
+    gives it and its ChatTokenizer ct) on held-out records."""
     right, spread, mean = {p: [] for p in PROBES}, [], []
     probed = [(where, probes) for where, rec in read_jsonl(bench)[0] if (probes := probe_candidates(rec))][:limit]
     for where, probes in probed:
@@ -159,12 +157,10 @@ def probe_model(model_dir, bench, image_root, limit=None):
                 feature_spread=statistics.fmean(spread), feature_mean=statistics.fmean(mean))
 
 
-def probe_perception(model_dir, path, image_root, limit=None, cfg=ZoomWorldConfig()):
-    """{"ground": %, "read": %, "n": records} of a checkpoint on held-out make_perception records,
-    scored like the probes: the place of image 0's card among the grid's cells, the dots among
-    dot_count's values, each the candidate the model finds most likely."""
-    model, ct = rollout.load(model_dir)
-    model.eval()
+def probe_perception(model, ct, path, image_root, limit=None, cfg=ZoomWorldConfig()):
+    """{"ground": %, "read": %, "n": records} of a model (as probe_model's) on held-out
+    make_perception records, scored like the probes: the place of image 0's card among the grid's
+    cells, the dots among dot_count's values, each the candidate the model finds most likely."""
     places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
     values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1))
     right = {"ground": [], "read": []}
@@ -172,8 +168,7 @@ def probe_perception(model_dir, path, image_root, limit=None, cfg=ZoomWorldConfi
         think = rec["steps"][0]["think"]
         if rec["task"] == "ground":
             color = next(c for c in COLORS if c in rec["question"].split())
-            head = TEXT["t_where"].format(color=color, places="")  # "The red card is ." : the places follow it
-            head = head[:-1]
+            head = TEXT["t_where"].format(color=color, places="")[:-1]  # "The red card is ": the places follow
             gold = next(p for p in places if think.startswith(f"{head}{p} of image 0"))
             thinks = [f"{head}{p}{think[len(head) + len(gold):]}" for p in places]
             k = places.index(gold)

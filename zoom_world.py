@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
+import rollout  # its checkpoint loader
 from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE, IMAGE, PLAIN_SYSTEM, SYSTEM_PROMPT,
                   TOOL_FORMAT, Budget, format_question, observation_parts, prompt_parts)
 from tiny_tokenizer import train_tokenizer
@@ -312,6 +313,19 @@ def _cell(cfg, box):
     return int((box[0] + box[2]) / 2 // cw), int((box[1] + box[3]) / 2 // ch)
 
 
+def _normalised(cfg, box):
+    """A box in original px -> normalised to the original (the records' target_boxes and scene)."""
+    OW, OH = cfg.canvas_size
+    return [box[0] / OW, box[1] / OH, box[2] / OW, box[3] / OH]
+
+
+def _cell_crop(cfg, img, box):
+    """The gold zoom of a card at `box` (original px): its grid cell cut from the original image."""
+    c, k = _cell(cfg, box)
+    cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
+    return img.crop((c * cw, k * ch, (c + 1) * cw, (k + 1) * ch))
+
+
 def _cells_bbox(cfg, geom, c1, c2=None):
     """The display bbox [x1, y1, x2, y2] of the grid cells from (col, row) c1 to c2 (inclusive)."""
     Wd, Hd, _ = geom
@@ -465,7 +479,6 @@ def _sample(rng, cfg, geom, budget, spec, name):
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     words = dict(_KIND[kind], color=color)
     pool = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
-    norm = lambda b: [b[0] / OW, b[1] / OH, b[2] / OW, b[3] / OH]  # noqa: E731
     steps, options = [], None
     if category == "multi":
         n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
@@ -480,7 +493,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
         scenes = [_scene(rng, cfg, r, kind, [color], {}, big=big)]
     images = [_render(rng, cfg, r, cards) for cards in scenes]
     targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
-    target_boxes = [norm(t["box"]) for t in targets]
+    target_boxes = [_normalised(cfg, t["box"]) for t in targets]
 
     if category == "text-only":
         cards = scenes[0]
@@ -568,7 +581,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
            "problem_type": "multiple choice" if options else "numerical", "answer": answer,
            "max_pixels": cfg.display_max_pixels, "max_tool_calls": cfg.max_tool_calls,
            "category": category, "task": task, "mark": kind, "target_boxes": target_boxes, "steps": steps,
-           "scene": [[{"color": c["color"], "box": norm(c["box"]), "value": c["value"]} for c in cards]
+           "scene": [[{"color": c["color"], "box": _normalised(cfg, c["box"]), "value": c["value"]} for c in cards]
                      for cards in scenes]}  # the mined knowledge: every card of every image
     if direct:
         rec.update(mode="direct", max_tool_calls=0)
@@ -652,9 +665,7 @@ def _perception_sample(rng, cfg, geom, name, read):
         value = int(rng.integers(cfg.dot_count[0], cfg.dot_count[1] + 1))
         cards = _scene(rng, cfg, r, "dots", [color], {color: value})
         t = next(c for c in cards if c["color"] == color)
-        c, k = _cell(cfg, t["box"])
-        cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
-        images = [_render(rng, cfg, r, cards).crop((c * cw, k * ch, (c + 1) * cw, (k + 1) * ch))]
+        images = [_cell_crop(cfg, _render(rng, cfg, r, cards), t["box"])]
         question = TEXT["q_dots"].format(color=color)
         steps = [{"think": TEXT["t_read_image"].format(index=0, color=color, value=value), "answer": str(value)}]
     else:
@@ -666,8 +677,7 @@ def _perception_sample(rng, cfg, geom, name, read):
         places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i) for i, t in enumerate(targets))
         boxes = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))} for i, t in enumerate(targets)]
         steps = [{"think": TEXT["t_where"].format(color=color, places=places), "answer": json.dumps(boxes)}]
-        target_boxes = [[t["box"][0] / cfg.canvas_size[0], t["box"][1] / cfg.canvas_size[1],
-                         t["box"][2] / cfg.canvas_size[0], t["box"][3] / cfg.canvas_size[1]] for t in targets]
+        target_boxes = [_normalised(cfg, t["box"]) for t in targets]
     paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
     rec = {"id": name, "images": paths, "question": question, "task": "read" if read else "ground",
            "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": steps,
@@ -845,8 +855,10 @@ def main(argv=None):
     probes = {}  # the sub-skills of each stage's model, teacher-forced on the held-out split
     for stage in ("base", "look", "read", "sft", "grpo"):
         ckpt = os.path.join(root, "tiny-base") if stage == "base" else latest_checkpoint(os.path.join(root, stage))
-        probes[stage] = zm.probe_model(ckpt, bench, os.path.dirname(bench))
-        own = zm.probe_perception(ckpt, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the perception stages' own
+        model, ct = rollout.load(ckpt)
+        model.eval()
+        probes[stage] = zm.probe_model(model, ct, bench, os.path.dirname(bench))
+        own = zm.probe_perception(model, ct, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the stages' own
         probes[stage].update(perception_ground=own["ground"], perception_read=own["read"], perception_n=own["n"])
         print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in zm.PROBES) +
               f" (n={probes[stage]['n']}); the perception records' own: ground {own['ground']:.1f}%, read "
