@@ -451,6 +451,44 @@ class Context:
                     query_mask=torch.cat([pad(e["query_mask"]) for e in encs]))
 
 
+def unique_groups(enc):
+    """Merged encoder inputs with each repeated group kept once (the same images, grids and
+    inquiry: the originals that a prompt's G rollouts share, encoded G times otherwise), plus
+    image_index (n_images,): for each image of `enc`, in order, its image among those kept, for
+    model.encode_images to copy the features back to every use. Exact: a group's features do not
+    depend on the other groups, and the gradient of a shared group sums over its uses."""
+    sizes = enc["grid_thw"].prod(-1).tolist()
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    groups = {}  # group number -> its images, in order (a group's images are contiguous)
+    for i, g in enumerate(enc["image_to_query"].tolist()):
+        groups.setdefault(g, []).append(i)
+    pv = enc["pixel_values"]
+    kept, index, images, seen = [], [None] * len(sizes), [], {}
+    for g, imgs in groups.items():
+        pix = pv[starts[imgs[0]]:starts[imgs[-1] + 1]]
+        q = enc["query_ids"][g][enc["query_mask"][g].bool()]
+        key = (tuple(map(tuple, enc["grid_thw"][imgs].tolist())), tuple(q.tolist()),
+               float(pix.sum(dtype=torch.float64)))  # a fingerprint: equality is checked below
+        twin = seen.get(key)
+        if twin is not None and torch.equal(pix, pv[starts[groups[twin][0]]:starts[groups[twin][-1] + 1]]):
+            for i, j in zip(imgs, groups[twin]):
+                index[i] = index[j]
+            continue
+        seen[key] = g
+        kept.append(g)
+        for i in imgs:
+            index[i] = len(images)
+            images.append(i)
+    keep, renumber = torch.tensor(images), {g: k for k, g in enumerate(kept)}
+    return dict(pixel_values=torch.cat([pv[starts[i]:starts[i + 1]] for i in images]),
+                grid_thw=enc["grid_thw"][keep],
+                image_to_query=torch.tensor([renumber[g] for g in enc["image_to_query"][keep].tolist()]),
+                query_ids=enc["query_ids"][kept], query_mask=enc["query_mask"][kept],
+                image_index=torch.tensor(index))
+
+
 # -----------------------------------------------------------------------------
 # trajectory records (JSONL; the schema is documented in the README)
 

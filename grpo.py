@@ -12,7 +12,8 @@ One step (paper defaults 96 prompts x G=4):
   3. gathers every group's rewards over ranks (placement of a group's rollouts does not matter);
   4. A = (R - mean_group) / (std_group + delta), delta = 1e-6 (Eq. 6, App. C);
   5. recomputes old log-probs with the training model on exactly the rollout tokens (not the
-     sampler's numbers);
+     sampler's numbers): in a pass of their own where the update takes several optimizer steps,
+     else in the update's own forward (fused_old: the same numbers, one forward fewer);
   6. runs the Eq. 6 updates: ratio clipped to [1-0.2, 1+0.3], no KL, no reference model; the
      loss mask is the policy-token mask (observations, image pads, role headers get no loss).
 Checkpoints, resume and the distributed setup are training.py's, as for sft.py.
@@ -192,7 +193,7 @@ def batch_logprobs(model, items, device, entropy=False, temperature=1.0):
     ids = torch.full((len(items), max(len(t["ids"]) for t in items)), PAD, dtype=torch.long)
     for i, t in enumerate(items):
         ids[i, :len(t["ids"])] = torch.tensor(t["ids"])
-    enc = Context.merge_encoder_inputs([t["enc"] for t in items])
+    enc = data.unique_groups(Context.merge_encoder_inputs([t["enc"] for t in items]))  # originals once per prompt
     h = model.hidden_states(ids.to(device), **to_device(enc, device))
     pick = padded(items, "mask", ids.shape[1] - 1, device).bool()  # predicts the policy token at t+1
     out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:].to(device)[pick][None], entropy=entropy,
@@ -213,11 +214,23 @@ def gathered_advantages(rewards, mine, P, G, device):
     return [adv[r].float().cpu() for r in rows]
 
 
-def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0, temperature=1.0):
-    """The update batch: every trajectory's tokens, encoder inputs, policy mask (T-1,) and
-    log-probs (T-1,) under the current (= old) policy; plus the summed entropy at policy tokens."""
-    batch = [dict(ids=t.ids, enc=t.encoder_inputs(ct), mask=torch.tensor(t.policy_mask[1:], dtype=torch.float32),
-                  adv=a) for t, a in zip(trajs, adv)]
+def learner_batch(ct, trajs, adv):
+    """The update batch: every trajectory's tokens, encoder inputs, policy mask (T-1,) and advantage."""
+    return [dict(ids=t.ids, enc=t.encoder_inputs(ct), mask=torch.tensor(t.policy_mask[1:], dtype=torch.float32),
+                 adv=a) for t, a in zip(trajs, adv)]
+
+
+def fused_old(args):
+    """One optimizer step per rollout batch (the paper's setting): the policy that the update
+    starts from is the one that sampled, so the old log-probs are the update forward's own,
+    detached (ratio 1, Eq. 6's gradient unchanged), and their separate pass would be a wasted
+    forward (TRL does the same with num_iterations 1). More steps need them fixed beforehand."""
+    return args.mini_batches == 1 and args.update_epochs == 1
+
+
+def old_logprobs(model, batch, device, micro_batch_tokens=0, temperature=1.0):
+    """Each item's "old" (T-1,): log-probs under the current (= old) policy, in a no-grad pass;
+    returns the summed entropy at the policy tokens."""
     ent = 0.0
     with torch.no_grad():
         for items in rank_micro_batches(batch, micro_batch_tokens, device):
@@ -226,7 +239,7 @@ def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0, temperatur
                 n = len(t["ids"]) - 1
                 t["old"] = old[k, :n].cpu()
                 ent += float((e[k, :n].cpu() * t["mask"]).sum())
-    return batch, ent
+    return ent
 
 
 # -----------------------------------------------------------------------------
@@ -234,16 +247,20 @@ def old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens=0, temperatur
 
 
 def update(model, opt, params, batch, args, device):
-    """Eq. 6 over `batch` (this rank's trajectories: dicts with ids, enc, mask (T-1,), old (T-1,),
-    adv ()), in args.mini_batches optimizer steps per epoch, args.update_epochs epochs, one forward
-    per micro-batch of args.micro_batch_tokens padded tokens. Every rank runs as many forwards
-    (FSDP collectives); the token-mean is over the mini-batch's masked tokens on ALL ranks
-    (all-reduced), gradients summed over ranks, so any world size and any micro-batch size give
-    the same update. Returns summed statistics."""
+    """Eq. 6 over `batch` (this rank's trajectories: dicts with ids, enc, mask (T-1,), adv (), and
+    old (T-1,) unless fused_old(args)), in args.mini_batches optimizer steps per epoch,
+    args.update_epochs epochs, one forward per micro-batch of args.micro_batch_tokens padded
+    tokens. Every rank runs as many forwards (FSDP collectives); the token-mean is over the
+    mini-batch's masked tokens on ALL ranks (all-reduced), gradients summed over ranks, so any world
+    size and any micro-batch size give the same update. Without "old" the old log-probs are this
+    forward's own, detached (fused_old), and the entropy at the policy tokens is summed here.
+    Returns summed statistics."""
+    fused = not any("old" in t for t in batch)
+    assert not fused or fused_old(args), "old log-probs are needed for more than one optimizer step per batch"
     n = len(batch)
     assert n % args.mini_batches == 0, f"{n} trajectories per rank do not split into {args.mini_batches} mini-batches"
     per = n // args.mini_batches
-    stats = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0.0, grad_norm=0.0, steps=0)
+    stats = dict(loss=0.0, clip=0.0, kl=0.0, tokens=0.0, grad_norm=0.0, steps=0, entropy=0.0)
     for _ in range(args.update_epochs):
         for mb in range(args.mini_batches):
             part = batch[mb * per:(mb + 1) * per]
@@ -253,8 +270,10 @@ def update(model, opt, params, batch, args, device):
             dist.all_reduce(norm)
             norm = max(1.0, norm.item())
             for items in rank_micro_batches(part, args.micro_batch_tokens, device):
-                logp = batch_logprobs(model, items, device, temperature=args.temperature)
-                mask, old = padded(items, "mask", logp.shape[1], device), padded(items, "old", logp.shape[1], device)
+                out = batch_logprobs(model, items, device, entropy=fused, temperature=args.temperature)
+                logp, ent = out if fused else (out, None)
+                mask = padded(items, "mask", logp.shape[1], device)
+                old = logp.detach() if fused else padded(items, "old", logp.shape[1], device)
                 adv = torch.stack([t["adv"] for t in items]).to(device)
                 loss = policy_loss(logp, old, adv, mask, args.clip_low, args.clip_high, args.dual_clip,
                                    args.aggregation, normalizer=norm)
@@ -266,6 +285,7 @@ def update(model, opt, params, batch, args, device):
                     stats["clip"] += float((clipped & m).sum())
                     stats["kl"] += float(((r - 1) - (logp - old))[m].sum())  # k3 estimate of KL(old || new)
                     stats["tokens"] += float(m.sum())
+                    stats["entropy"] += float((ent * mask).sum()) if fused else 0.0
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             stats["grad_norm"] += (gnorm.full_tensor() if isinstance(gnorm, DTensor) else gnorm).item()
             opt.step()
@@ -424,19 +444,23 @@ def train(args, rank, world, device):
         per_traj = (0.0, 0.0)
         if args.bench:
             ta = time.perf_counter()
-            b0 = old_logprobs(model, ct, trajs, adv, device, 0, args.temperature)[0]
+            b0 = learner_batch(ct, trajs, adv)
+            old_logprobs(model, b0, device, 0, args.temperature)
             tb = time.perf_counter()
             update(model, opt, params, b0, argparse.Namespace(**dict(vars(args), micro_batch_tokens=0)), device)
             per_traj = (tb - ta, time.perf_counter() - tb)
 
-        # ---- 5. old log-probs on exactly the rollout tokens (and the policy's entropy)
-        batch, ent = old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens, args.temperature)
+        # ---- 5. old log-probs on exactly the rollout tokens (and the policy's entropy), in their
+        # own pass only where the update takes more than one optimizer step (fused_old)
+        batch = learner_batch(ct, trajs, adv)
+        ent = None if fused_old(args) else old_logprobs(model, batch, device, args.micro_batch_tokens, args.temperature)
         t2 = time.perf_counter()
 
         # ---- 6. the Eq. 6 updates
         for g in opt.param_groups:
             g["lr"] = args.lr * g["lr_scale"]  # constant (release)
         st = update(model, opt, params, batch, args, device)
+        ent = st["entropy"] if ent is None else ent
         t3 = time.perf_counter()
         step += 1
 
@@ -477,7 +501,8 @@ def train(args, rank, world, device):
         roll, old, upd, old0, upd0 = (sum(x) / len(bench) for x in zip(*bench))
         print0(f"bench: mean per step over {len(bench)} steps: rollout {roll:.2f} s | one trajectory per forward: "
                f"old log-probs {old0:.2f} s, update {upd0:.2f} s | --micro-batch-tokens {args.micro_batch_tokens}: "
-               f"old log-probs {old:.2f} s, update {upd:.2f} s | learner {(old0 + upd0) / (old + upd):.2f}x faster")
+               f"old log-probs {'in the update' if fused_old(args) else f'{old:.2f} s'}, update {upd:.2f} s | "
+               f"learner {(old0 + upd0) / (old + upd):.2f}x faster (the update alone {upd0 / upd:.2f}x)")
 
 
 def dump(f, step, trajs, scores, adv):

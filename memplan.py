@@ -36,6 +36,9 @@ private torch tracker, with workarounds that have nothing to do with training:
    which the tracker counts as allocations: without the warm-up step (whose propagation is
    cached), clip_grad_norm_'s foreach norm showed 33 GiB of phantom full-size gradients at 7B.
    Propagation gets a fake mode of its own, as in a real run.
+5. The learner encodes a group that repeats in a micro-batch once (data.unique_groups), which
+   compares pixels; fake pixels have no values, so the plan encodes every trajectory's images
+   for it, as if no two rollouts in a micro-batch shared their originals: an upper bound.
 
 The fake tensors live on "cpu": in a CPU build a "cuda" fake tensor cannot consult the CUDA
 kernels' constraints, so SDPA decomposes into the math path (T x T scores), while on "cpu" it takes
@@ -60,6 +63,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
 from torch.utils._mode_utils import no_dispatch
 
+import data
 import grpo
 import rollout
 import sft
@@ -184,7 +188,7 @@ def sft_sample(cfg, spec):
 
 
 def trajectory(cfg, spec):
-    """One GRPO update item (grpo.old_logprobs' layout): ids, encoder inputs, policy mask, advantage."""
+    """One GRPO update item (grpo.learner_batch's layout): ids, encoder inputs, policy mask, advantage."""
     ids, mask = sample_ids(cfg, spec)
     return dict(ids=ids, enc=encoder_inputs(spec.originals, spec.crops, spec.inquiry),
                 mask=torch.tensor(mask[1:], dtype=torch.float32), adv=torch.tensor(1.0))
@@ -249,17 +253,16 @@ def sft_learner(model, opt, cfg, spec, args, device, tracker=None):
 
 
 def grpo_learner(model, opt, cfg, spec, args, device, tracker=None):
-    """grpo.py's steps 5-6 for one rank: old log-probs, then the Eq. 6 update (clip, AdamW), on
+    """grpo.py's steps 5-6 for one rank: old log-probs (in their own pass only where the update
+    takes several optimizer steps, grpo.fused_old), then the Eq. 6 update (clip, AdamW), on
     spec.micro_batches trajectories of spec.seq_len tokens, one micro-batch each."""
     batch = [trajectory(cfg, spec) for _ in range(spec.micro_batches)]
     if tracker is not None:
         tracker.track_inputs([t["enc"] for t in batch])
-    with torch.no_grad():  # grpo.old_logprobs on these items
-        for items in rank_micro_batches(batch, args.micro_batch_tokens, device):
-            old = grpo.batch_logprobs(model, items, device, entropy=True, temperature=args.temperature)[0]
-            for k, t in enumerate(items):
-                t["old"] = old[k, :len(t["ids"]) - 1].cpu()
-    grpo.update(model, opt, [p for p in model.parameters() if p.requires_grad], batch, args, device)
+    with mock.patch.object(data, "unique_groups", lambda enc: enc):  # workaround 5
+        if not grpo.fused_old(args):
+            grpo.old_logprobs(model, batch, device, args.micro_batch_tokens, args.temperature)
+        grpo.update(model, opt, [p for p in model.parameters() if p.requires_grad], batch, args, device)
 
 
 def learner(kind, model, opt, cfg, spec, args, device):

@@ -415,12 +415,15 @@ class ViLaVT(nn.Module):
 
     # ---- vision
 
-    def encode_images(self, pixel_values, grid_thw, query_ids=None, query_mask=None, image_to_query=None):
+    def encode_images(self, pixel_values, grid_thw, query_ids=None, query_mask=None, image_to_query=None,
+                      image_index=None):
         """Features (n_tokens, hidden) for all images, in order.
 
         query_ids/query_mask: (n_groups, L) right-padded inquiry tokens, row g for group g;
         image_to_query: (n_images,) group of each image (None: each image alone, no inquiry).
-        The vanilla model has no inquiry path and ignores the inquiry (that is the ablation)."""
+        The vanilla model has no inquiry path and ignores the inquiry (that is the ablation).
+        image_index: (n_uses,) the images are encoded once each and their features returned in
+        this order, one image per use (data.unique_groups: a prompt's G rollouts share originals)."""
         text = text_lens = None
         if self.is_vilavt and query_ids is not None:
             assert query_mask is not None, "query_ids given without query_mask"
@@ -432,19 +435,26 @@ class ViLaVT(nn.Module):
                 h = self.text_encoder(query_ids[rows, :L], query_mask[rows, :L])  # Eq. 3: h_q = V_m(q), (R, L, 1024)
                 h = h[query_mask[rows, :L].bool()]  # valid tokens, groups in id order
                 text = self.text_proj(h.to(self.text_proj.weight.dtype))
-        return self.visual(pixel_values, grid_thw, text, text_lens, image_to_query)
+        feats = self.visual(pixel_values, grid_thw, text, text_lens, image_to_query)
+        if image_index is not None:  # each use gets its image's features (the gradient sums over uses)
+            parts = feats.split((grid_thw.prod(-1) // self.cfg.vision.spatial_merge_size ** 2).tolist())
+            feats = torch.cat([parts[i] for i in image_index.tolist()])
+        return feats
 
     # ---- language model
 
     def hidden_states(self, input_ids, pixel_values=None, grid_thw=None, query_ids=None, query_mask=None,
-                      image_to_query=None, *, image_embeds=None, position_ids=None, cache=None, cache_pos=None):
+                      image_to_query=None, image_index=None, *, image_embeds=None, position_ids=None, cache=None,
+                      cache_pos=None):
         """Final-norm hidden states (B, T, C). See forward."""
         cfg = self.cfg.lm
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         if pixel_values is not None:
             assert image_embeds is None, "pass pixel_values or image_embeds, not both"
-            image_embeds = self.encode_images(pixel_values, grid_thw, query_ids, query_mask, image_to_query)
+            image_embeds = self.encode_images(pixel_values, grid_thw, query_ids, query_mask, image_to_query, image_index)
+            if image_index is not None:
+                grid_thw = grid_thw[image_index]  # one row per image use, for the positions
         if image_embeds is not None:
             is_img = input_ids == cfg.image_token_id
             n_img = int(is_img.sum())
@@ -501,7 +511,10 @@ class ViLaVT(nn.Module):
         def piece(h, t):
             logp = (self.lm_head(h).float() / temperature).log_softmax(-1)
             lp = torch.gather(logp, -1, t.clamp(min=0)[..., None])[..., 0] * (t >= 0)
-            return (lp, -(logp.exp() * logp).sum(-1)) if entropy else lp
+            if not entropy:
+                return lp
+            with torch.no_grad():  # a statistic: a graph here would keep two (tokens x vocab) tensors alive
+                return lp, -(logp.exp() * logp).sum(-1)
         out = []
         for s in range(0, hidden.shape[1], chunk):
             h, t = hidden[:, s:s + chunk], targets[:, s:s + chunk]

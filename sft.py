@@ -13,8 +13,9 @@ Multi-node: torchrun's own flags (--nnodes, --node-rank, --rdzv-endpoint ...); t
 on a filesystem all nodes share. Distributed layout (training.py): FSDP2 (`fully_shard`) on every
 decoder block, every vision block, then the root; bf16 compute with fp32 master weights and fp32
 gradient reduction on GPU, plain fp32 on CPU (gloo). Micro-batches (--micro-batch-tokens N): this
-rank's samples of a step grouped, shortest first, into right-padded micro-batches of at most N
-padded tokens (rows x longest row), a longer sample alone (no packing; N = 0: one sample each, as
+rank's samples of a step sorted by length and cut into right-padded micro-batches of at most N
+padded tokens (rows x longest row; training.micro_batches cuts where the padding saved pays for a
+forward), a longer sample alone (no packing; N = 0: one sample each, as
 the release), one vision-encoder call and one LM forward each; gradient accumulation up to
 --global-batch. The loss is the token-weighted mean over the whole global batch, so any world
 size, accumulation split and micro-batch size gives the same gradient. Checkpoints, --resume and
@@ -71,7 +72,7 @@ def parse_args(argv=None):
                                                     "paper and release)")
     a("--micro-batch-tokens", type=int, default=4096,
       help="samples per forward by padded tokens (rows x longest row): this rank's samples of a step grouped "
-           "shortest first, a longer sample alone; the same gradient for any N. Default: 4096 (1.2x the tokens/s "
+           "by length, a longer sample alone; the same gradient for any N. Default: 4096 (1.2x the tokens/s "
            "of 0 for samples of a few hundred tokens on CPU; at 7B only samples under 2,048 tokens share a "
            "forward, so memory stays that of one --max-length sample); 0: one sample per forward, the release's "
            "behaviour")

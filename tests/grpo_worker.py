@@ -1,5 +1,7 @@
 """torchrun worker for tests/test_grpo.py: one GRPO update (steps 2-6 of grpo.py) on scripted
-rollouts, the learner's micro-batches by argv[3] padded tokens (0: one trajectory per forward).
+rollouts, the learner's micro-batches by argv[3] padded tokens (0: one trajectory per forward),
+in argv[4] optimizer steps (mini-batches, default 2), the old log-probs in their own pass, or
+with argv[5] == "fused" from the update's own forward (grpo.fused_old: one step only).
 Writes the global loss and the parameter delta, so 1 and 2 processes, and any micro-batch size,
 can be compared."""
 
@@ -35,10 +37,11 @@ def turns(ct, p, g):
 
 def main():
     model_dir, out, micro_batch_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mini_batches, fused = (int(sys.argv[4]), sys.argv[5] == "fused") if len(sys.argv) > 4 else (2, False)
     rank, world, device = dist_setup()
     args = argparse.Namespace(seed=0, train_text_proj=True, freeze_vision=False, activation_checkpointing=False,
                               lr=1e-3, weight_decay=0.01, grad_clip=1.0, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
-                              aggregation="token-mean", mini_batches=2, update_epochs=1,
+                              aggregation="token-mean", mini_batches=mini_batches, update_epochs=1,
                               micro_batch_tokens=micro_batch_tokens, temperature=1.0)
     model, cfg = build_model(model_dir, None, args, device, rank)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -57,7 +60,9 @@ def main():
     model.train()
     rewards = [REWARDS[p * G + g] for p in mine for g in range(G)]
     adv = grpo.gathered_advantages(rewards, mine, P, G, device)
-    batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device, micro_batch_tokens)
+    batch = grpo.learner_batch(ct, trajs, adv)
+    if not fused:
+        grpo.old_logprobs(model, batch, device, micro_batch_tokens)
     opt = make_optimizer(model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     forwards, real = [], grpo.batch_logprobs  # count the update's forwards (micro-batches)

@@ -132,15 +132,101 @@ def test_one_and_two_processes_and_any_micro_batch_give_the_same_update(tmp_path
             assert (deltas[n][k] - d1[k]).abs().max() <= 1e-4, (n, k)
 
 
+def test_old_logprobs_from_the_update_forward_give_the_same_update(tmp_path, tokenizer):
+    """One optimizer step per rollout batch (grpo.fused_old): the old log-probs taken from the
+    update's own forward, detached, on 2 processes in 2-row micro-batches, give the update of the
+    separate no-grad pass on 1 process, one trajectory per forward: the same loss and gradients."""
+    from safetensors.torch import load_file
+    model_dir = tiny_folder(str(tmp_path / "model"), tokenizer)
+    worker = os.path.join(os.path.dirname(__file__), "grpo_worker.py")
+    runs = {"pass": (1, 0, "pass"), "fused": (2, 1860, "fused")}
+    for name, (nproc, tokens, old) in runs.items():
+        torchrun(nproc, worker, model_dir, str(tmp_path / name), str(tokens), "1", old)
+    res = {n: json.load(open(tmp_path / f"{n}.json")) for n in runs}
+    grads = {n: load_file(str(tmp_path / f"{n}.grads.safetensors")) for n in runs}
+    assert res["pass"]["rows"] == [1] * 8 and res["fused"]["rows"] == [2, 2]  # rank 0's forwards (1 step)
+    assert {k.split(".")[0] for k in grads["pass"]} == {"0"} and grads["pass"].keys() == grads["fused"].keys()
+    assert abs(res["fused"]["loss"] - res["pass"]["loss"]) <= 1e-5 * max(1.0, abs(res["pass"]["loss"]))
+    scale = max(g.abs().max() for g in grads["pass"].values())
+    assert scale > 0
+    for k, g in grads["pass"].items():
+        assert (grads["fused"][k] - g).abs().max() <= 1e-5 * scale, k
+
+
+def test_fused_old_logprobs_only_for_one_optimizer_step():
+    import argparse
+
+    import grpo
+    one = argparse.Namespace(mini_batches=1, update_epochs=1)
+    assert grpo.fused_old(one)
+    assert not grpo.fused_old(argparse.Namespace(mini_batches=2, update_epochs=1))
+    assert not grpo.fused_old(argparse.Namespace(mini_batches=1, update_epochs=2))
+    with pytest.raises(AssertionError, match="old log-probs are needed"):  # a batch without them, 2 steps
+        grpo.update(None, None, [], [dict(ids=[1, 2], mask=torch.ones(1))], argparse.Namespace(
+            mini_batches=2, update_epochs=1), torch.device("cpu"))
+
+
+def test_shared_originals_are_encoded_once_with_the_same_logprobs_and_gradients(tokenizer):
+    """The learner encodes a group that repeats in a micro-batch once (data.unique_groups: a
+    prompt's G rollouts share its originals): the log-probs and every gradient equal those of
+    encoding each trajectory's images itself."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+    import grpo
+    import rollout
+    from grpo_worker import turns
+    from model import ViLaVT, tiny_config
+    from scripted import Scripted
+
+    torch.manual_seed(0)
+    model = ViLaVT(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+    model.init_weights()
+    ct = data.ChatTokenizer(tokenizer, tokenizer)
+    P, G = 3, 2
+    image = lambda seed: Image.fromarray(np.random.default_rng(seed).integers(0, 255, (168, 224, 3), np.uint8))  # noqa: E731
+    prompts = [rollout.Prompt([image(p), image(p + 10)][:1 + p % 2], f"Question {p}?") for p in range(P)]
+    with torch.no_grad():
+        trajs = rollout.rollout(Scripted(model, [turns(ct, p, g) for p in range(P) for g in range(G)]), ct, prompts, G)
+    items = grpo.learner_batch(ct, trajs, [torch.tensor(1.0)] * len(trajs))
+    merged = data.Context.merge_encoder_inputs([t["enc"] for t in items])
+    once = data.unique_groups(merged)
+    # 8 originals (G x 1, 2, 1) and 3 crops (row g = 0 zooms), in rollout order: each prompt's
+    # originals are encoded once for its 2 rollouts, every crop for its own
+    assert merged["grid_thw"].shape[0] == 11 and once["grid_thw"].shape[0] == 7
+    assert once["image_index"].tolist() == [0, 1, 0, 2, 3, 4, 2, 3, 5, 6, 5]
+    res = {}
+    for name, dedupe in (("each", lambda enc: enc), ("once", data.unique_groups)):
+        model.zero_grad()
+        real, data.unique_groups = data.unique_groups, dedupe
+        try:
+            logp = grpo.batch_logprobs(model, items, torch.device("cpu"))
+        finally:
+            data.unique_groups = real
+        (logp * torch.linspace(-1, 1, logp.numel()).view(logp.shape)).sum().backward()
+        res[name] = logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert (res["once"][0] - res["each"][0]).abs().max() <= 1e-6
+    assert any(n.startswith("visual.") for n in res["each"][1]) and res["each"][1].keys() == res["once"][1].keys()
+    for n, g in res["each"][1].items():
+        assert (res["once"][1][n] - g).abs().max() <= 1e-5 * max(1e-3, g.abs().max()), n
+
+
 def test_micro_batches_by_padded_tokens():
     from training import micro_batches  # (sft.py's micro-batches too)
     lengths = [300, 500, 400, 1200, 100, 100, 100]
     shortest_first = [4, 5, 6, 0, 2, 1, 3]  # so that little is padded
     assert micro_batches(lengths, 0) == [[i] for i in shortest_first]
-    # padded size = rows x longest: 3 x 100, then 4 x 300 > 1000; 2 x 400 = 800, then 3 x 500 > 1000; 1200 alone
+    # padded size = rows x longest <= 1000: 3 x 100 (+300 would pad to 4 x 300), 2 x 400, 500, 1200
     assert micro_batches(lengths, 1000) == [[4, 5, 6], [0, 2], [1], [3]]
-    assert micro_batches(lengths, 10**6) == [shortest_first]
     assert micro_batches(lengths, 1000, n_groups=6) == [[4], [5], [6], [0, 2], [1], [3]]  # the largest halved
+    # fewest padded tokens plus FORWARD_COST (512) per forward, not the fullest groups: filling
+    # greedily would pad all 7 to 1200 (8,400 + 512); this split pads 300 + 1,500 + 1,200 + 3 x 512
+    assert micro_batches(lengths, 10**6) == [[4, 5, 6], [0, 2, 1], [3]]
+    assert micro_batches(lengths, 10**6, forward_cost=10**4) == [shortest_first]  # forwards dear: one
+    assert micro_batches(lengths, 10**6, forward_cost=0) == [[i] for i in shortest_first]  # free: no padding
+    # many short rows and a few long ones (a GRPO batch): apart, not 6 rows padded to 500 (3,000)
+    assert micro_batches([100] * 4 + [500] * 2, 3000) == [[0, 1, 2, 3], [4, 5]]
     with pytest.raises(AssertionError, match="do not make 8 micro-batches"):
         micro_batches(lengths, 0, n_groups=8)
 
@@ -190,7 +276,8 @@ def test_mean_reward_rises_on_a_toy_reward(tmp_path, tokenizer):
             model.train()
             rewards = [float(t.ids[-1] % 2 == 0) for t in trajs]
             adv = grpo.gathered_advantages(rewards, list(range(P)), P, G, device)
-            batch, _ = grpo.old_logprobs(model, ct, trajs, adv, device, args.micro_batch_tokens)
+            batch = grpo.learner_batch(ct, trajs, adv)
+            grpo.old_logprobs(model, batch, device, args.micro_batch_tokens)  # (2 mini-batches: needed)
             grpo.update(model, opt, params, batch, args, device)
             curve.append(sum(rewards) / len(rewards))
     finally:
