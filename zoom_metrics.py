@@ -7,6 +7,8 @@ The zoom world's instruments: the demo's results table and the probes of its mod
                     reading), teacher-forced on held-out records, and the visual features'
                     spread against their shared mean (the collapse issue 12 measured)
     probe_perception  the perception stages' own skills on held-out perception records
+    figure4_point   one point of the Figure 4 sweep: a variant's accuracy at one budget, per
+                    question kind; figure4_table and figure4_plot draw the sweep
 
 Its own file because zoom_world.py holds the world and the driver, the data and the commands a
 user types; these read what the scripts wrote (results, checkpoints) and score it. They know the
@@ -17,6 +19,8 @@ import json
 import statistics
 
 import torch
+
+import plots
 
 from data import ENCODER_KEYS, Context, read_jsonl, render_sample
 from eval import final_answer, score_answer
@@ -47,7 +51,7 @@ def demo_metrics(questions, lines):
     for q in questions:
         line = lines[str(q["qid"])]
         ok = line.get("error") is None
-        s = score_answer(final_answer(line["response"], line["mode"]), q)[0] if ok else 0.0
+        s = question_score(q, lines)
         (mc if q["kind"] == "multiple choice" else num).append(s)
         if q["meta"].get("category") == "multi":
             multi.append(s == 1.0)
@@ -63,13 +67,28 @@ def demo_metrics(questions, lines):
             target = q["meta"]["target_boxes"][sources[-1]]
             if target is not None:
                 boxes.append(covers(c["region"], target))
-    pct = lambda v: 100 * statistics.fmean(v) if v else None  # noqa: E731
-    # 95% intervals: half-widths of the normal approximation over the questions (boxes), in points
-    ci = lambda v: 100 * 1.96 * statistics.pstdev(v) / len(v) ** 0.5 if len(v) > 1 else None  # noqa: E731
     return dict(n=len(questions), accuracy=pct(mc), mra=pct(num), score=pct(mc + num), format_rate=pct(fmt),
                 tool_calls=statistics.fmean(calls), box_hit_rate=pct(boxes), accuracy_multi_image=pct(multi),
                 n_boxes=len(boxes), n_multi_image=len(multi),
-                accuracy_ci95=ci(mc), score_ci95=ci(mc + num), box_hit_rate_ci95=ci(boxes))
+                accuracy_ci95=ci95(mc), score_ci95=ci95(mc + num), box_hit_rate_ci95=ci95(boxes))
+
+
+def pct(v):
+    """The mean of scores in [0, 1] as a percentage (None for none)."""
+    return 100 * statistics.fmean(v) if v else None
+
+
+def ci95(v):
+    """The 95% interval's half-width of pct(v), in points: the normal approximation over the items."""
+    return 100 * 1.96 * statistics.pstdev(v) / len(v) ** 0.5 if len(v) > 1 else None
+
+
+def question_score(q, lines):
+    """A question's score from its results line (eval.py's metric); a failed or missing one scores 0."""
+    line = lines.get(str(q["qid"]))
+    if line is None or line.get("error") is not None:
+        return 0.0
+    return score_answer(final_answer(line["response"], line["mode"]), q)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -200,3 +219,46 @@ def demo_table(rows):
         cells = [f"{r[k]:.2f}" if k == "tool_calls" else cell(r, k) for k, _ in COLUMNS]
         out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n']} |")
     return "\n".join(out) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Figure 4 in miniature: accuracy against the visual-token budget, one line per encoder variant
+
+
+def figure4_point(questions, lines):
+    """One point of the sweep from eval.py's results lines: accuracy in percent with its 95%
+    half-width, n, and the accuracy per question kind (the records' "task": dots, size)."""
+    scores = {}
+    for q in questions:
+        s = question_score(q, lines)
+        scores.setdefault("all", []).append(s)
+        scores.setdefault(q["meta"]["task"], []).append(s)
+    kinds = {f"accuracy_{k}": pct(v) for k, v in sorted(scores.items()) if k != "all"}
+    return dict(accuracy=pct(scores["all"]), accuracy_ci95=ci95(scores["all"]), n=len(questions), **kinds)
+
+
+def figure4_table(rows):
+    """Markdown: a row per variant, a column per budget (largest first): accuracy +- its 95%
+    half-width, then the same per question kind."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    budgets = sorted({r["budget_tokens"] for r in rows}, reverse=True)
+    at = {(r["variant"], r["budget_tokens"]): r for r in rows}
+    kinds = sorted(k[len("accuracy_"):] for k in rows[0] if k.startswith("accuracy_") and k != "accuracy_ci95")
+    out = []
+    for title, cell in [("accuracy, all questions (± 95% interval)",
+                         lambda r: f"{r['accuracy']:.1f} ± {r['accuracy_ci95']:.1f}")] + \
+            [(f"accuracy, {k} questions", lambda r, k=k: f"{r['accuracy_' + k]:.1f}") for k in kinds]:
+        out += [f"**{title}**", "", "| variant | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets)]
+        out += [f"| {v} | " + " | ".join(cell(at[v, b]) for b in budgets) + " |" for v in variants]
+        out.append("")
+    return "\n".join(out)
+
+
+def figure4_plot(rows, path):
+    """The sweep as the paper's Figure 4: accuracy against the budget, one line per variant."""
+    series = {}
+    for r in rows:
+        series.setdefault(r["variant"], {})[r["budget_tokens"]] = r["accuracy"]
+    plots.plot_lines(series, path, "Figure 4 in miniature: accuracy vs. visual-token budget",
+                     "total visual tokens (training budget: the largest)", "accuracy (%)")

@@ -3,6 +3,7 @@ The zoom world: the CPU demo of the whole method, as a synthetic task and a driv
 
     python zoom_world.py              # data, tiny bases, perception, SFT, GRPO, eval -> out/demo/results.md
     python zoom_world.py --smoke      # the same sequence in miniature under out/smoke/ (CI, ~1 min)
+    python zoom_world.py --figure4    # paper Figure 4 in miniature: four encoders, shrinking budgets -> out/figure4/
 
 The task writes images and gold "chatting with images" trajectories in the project's record
 schema, answerable only by zooming in, and the perception records that come first (a base that can
@@ -15,6 +16,8 @@ zoom_metrics.py holds its instruments (the results table, the probes). Folders u
 
     zoom/  tiny-base[-vanilla]/  look[-vanilla]/  read[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/
     demo/ (<row>.jsonl, results.json, .md, probes.json)
+    figure4/ (--figure4: data/  tiny-base/  vilavt/  no_inquiry/  no_multi_image/  vanilla/  eval/
+              results.json, .md, .png)
 
 Resumable: a stage whose output is complete and newer than its input is skipped, a training run
 cut short continues with --resume, an output older than its input is redone.
@@ -25,6 +28,7 @@ import functools
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import subprocess
@@ -144,6 +148,8 @@ class ZoomWorldConfig:
     dot_count: tuple = (1, 6)  # dots on a card, inclusive range
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
+    solid_marks: bool = False  # marks in solid dark ink (ink_levels[0]) instead of the texture that vanishes at the
+    #   display: they fade gradually as an image shrinks (the Figure 4 task, make_figure4)
     ramp: int = 40  # a colour ramp over every image, +-ramp grey levels: red grows left to right, blue top to
     #   bottom, so each patch's colour says where it is (a position cue: the lab's ground1, 51% -> 97.5%)
     question_first: bool = False  # the question before the images in the user turn, so that the image tokens
@@ -410,7 +416,7 @@ def _render(rng, cfg, r, cards):
         a[label[1]:label[3], label[0]:label[2]] = (lo + hi) // 2
         m = _mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
         sub = a[label[1]:label[3], label[0]:label[2]]
-        sub[m] = checker[label[1]:label[3], label[0]:label[2]][m][:, None]
+        sub[m] = lo if cfg.solid_marks else checker[label[1]:label[3], label[0]:label[2]][m][:, None]
     if cfg.ramp:
         a = a.astype(np.int16)
         a[..., 0] += np.linspace(-cfg.ramp, cfg.ramp, OW).round().astype(np.int16)[None, :]
@@ -707,6 +713,99 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
 
 
 # -----------------------------------------------------------------------------
+# Figure 4 in miniature (paper section 4.4): the dynamic encoder's controlled experiment
+#
+# Two images with one card each, and a yes/no question comparing the pair: does the first card carry
+# more dots (fine detail, 1-6 dots; blurs as the images shrink), or is it the larger card (coarse:
+# readable at any budget)? Both kinds are asked of alike images, so the inquiry has something to
+# select. Comparisons, not "the same?", because a tiny model trained from random weights learns an
+# order between two readings and not their equality (measured: 500 steps of 16 left "same colour?"
+# and "same dot pattern?" at one constant answer). Answered directly (one <answer>, no think, no
+# tools), trained at one visual-token budget and evaluated at shrinking ones, as the paper's Figure 4
+# models are. Solid dots, not the demo's texture, which vanishes at once below full resolution.
+
+FIGURE4_WORLD = ZoomWorldConfig(canvas_size=(168, 168), display_max_pixels=84 * 84, card_size=(120, 88),
+                                card_border=10, dot_size=8, dot_gap=6, dot_grid=(3, 2), dot_count=(1, 6),
+                                solid_marks=True, ramp=0, n_clutter=(4, 8))
+FIGURE4_SCALES = (0.6, 1.0)  # a card's linear size, drawn from this range of card_size
+FIGURE4_SIDES = ((168, 0.7), (140, 0.1), (112, 0.1), (84, 0.1))  # train images: both of a pair shown at one of
+#   these sides (px), with these shares, as real images come in many sizes: at the training budget (36 tokens per
+#   image, 168x168) each is seen at its own resolution, so the model meets every grid from 6x6 to 12x12 patches
+#   (trained on 168 alone, a tiny model collapsed on smaller grids: 90% at the training budget, 33% at 40
+#   tokens; on the four sides alike, it stayed at one constant answer for 1,000 steps of 16). Eval: 168x168
+FIGURE4_TEXT = {"dots": "Does the first card have more dots than the second?",
+                "size": "Is the first card larger than the second?"}
+
+
+def _figure4_sample(rng, cfg, name, kind, side):
+    """One direct-mode record and its two images, shown at side x side px: `kind` "dots" (more dots
+    on the first card?) or "size" (the first card larger?), the answer yes for half of each. The
+    asked property differs between the cards (dot counts by at least 1, sizes by at least 25% in
+    area); the other is random."""
+    r, (W, H) = 2, cfg.canvas_size
+    yes = bool(rng.random() < 0.5)
+    names = list(COLORS)
+    counts = [int(v) for v in rng.choice(np.arange(cfg.dot_count[0], cfg.dot_count[1] + 1), 2, replace=False)]
+    scales = [float(v) for v in rng.uniform(*FIGURE4_SCALES, 2)]
+    while kind == "size" and max(scales) ** 2 < 1.25 * min(scales) ** 2:
+        scales = [float(v) for v in rng.uniform(*FIGURE4_SCALES, 2)]
+    key = counts if kind == "dots" else scales
+    if (key[0] > key[1]) != yes:  # the first card wins exactly when the answer is yes
+        counts, scales = (counts[::-1], scales) if kind == "dots" else (counts, scales[::-1])
+    images, scene = [], []
+    for count, scale in zip(counts, scales):
+        w = int(round(cfg.card_size[0] * scale / r)) * r
+        h = int(round(cfg.card_size[1] * scale / r)) * r
+        x = int(rng.integers(cfg.cell_margin // r, (W - w - cfg.cell_margin) // r + 1)) * r
+        y = int(rng.integers(cfg.cell_margin // r, (H - h - cfg.cell_margin) // r + 1)) * r
+        slots = sorted(int(k) for k in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:count])
+        card = dict(color=names[int(rng.integers(len(names)))], kind="dots", value=count, slots=slots, big=False,
+                    box=(x, y, x + w, y + h))
+        img = _render(rng, cfg, r, [card])
+        images.append(img if side == W else img.resize((side, side * H // W), Image.BICUBIC))
+        scene.append(dict(color=card["color"], dots=count, box=_normalised(cfg, card["box"])))
+    answer = "yes" if yes else "no"
+    question = FIGURE4_TEXT[kind]
+    rec = {"id": name, "images": [f"images/{name}_{j}.png" for j in range(2)], "question": question,
+           "answer": answer, "problem_type": "yes/no", "task": kind, "mode": "direct", "system": SYSTEM,
+           "prompt": user_turn(2, question), "steps": [{"text": f"<answer> {answer} </answer>", "answer": answer}],
+           "side": side, "scene": scene}
+    return rec, images
+
+
+def make_figure4(out_dir, n_train, n_eval, cfg=FIGURE4_WORLD, seed=0):
+    """Write out_dir/{train,eval}.jsonl (direct-mode records, half of each split per question kind,
+    in random order; train pairs at the sides of FIGURE4_SIDES, eval pairs at 168) and their
+    images under out_dir/images/. Deterministic for a seed."""
+    (w, h), lo = cfg.card_size, FIGURE4_SCALES[0]
+    b, (cols, rows), s, g = cfg.card_border, cfg.dot_grid, cfg.dot_size, cfg.dot_gap
+    if w + 2 * cfg.cell_margin > cfg.canvas_size[0] or h + 2 * cfg.cell_margin > cfg.canvas_size[1] or \
+            cols * s + (cols - 1) * g > lo * w - 2 * b - 2 or rows * s + (rows - 1) * g > lo * h - 2 * b - 2:
+        raise ValueError(f"figure 4 world: a card of {w}x{h} (down to {lo} of it), its dots and margins do not "
+                         f"fit {cfg.canvas_size}")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    paths = {}
+    for split_id, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
+        kinds = np.random.default_rng([seed, 40, split_id]).permutation(n) % 2
+        sides = np.random.default_rng([seed, 41, split_id]).choice([v for v, _ in FIGURE4_SIDES], n,
+                                                                   p=[p for _, p in FIGURE4_SIDES])
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            for i in range(n):
+                rec, images = _figure4_sample(np.random.default_rng([seed, 40, split_id, i]), cfg, f"{split}_{i:05d}",
+                                              ("dots", "size")[kinds[i]],
+                                              int(sides[i]) if split == "train" else cfg.canvas_size[0])
+                for p, img in zip(rec["images"], images):
+                    img.save(os.path.join(out_dir, p), compress_level=1)
+                f.write(json.dumps(rec) + "\n")
+    paths["meta"] = os.path.join(out_dir, "meta.json")
+    with open(paths["meta"], "w") as f:
+        json.dump({"task": "figure 4", "seed": seed, "n_train": n_train, "n_eval": n_eval, "sides": FIGURE4_SIDES,
+                   "scales": FIGURE4_SCALES, "config": asdict(cfg)}, f, indent=1)
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # presets: the demo's sizes, one entry per preset (gpt-fast's transformer_configs). Each stage's
 # flags are written as a user types them; everything else is the scripts' own default, i.e. the
 # paper's 7B setting. The model is model.tiny_config in both presets.
@@ -719,7 +818,10 @@ PRESETS = {
         # where the asked card is, the tower frozen (it trains its LM read-out fastest; README,
         # "Learning to look"); "read": the dots on a gold zoom, grounding kept in the mix, the tower
         # at a tenth of the LM's lr (at the same lr its features collapse into one shared mean)
-        perception=dict(look=(16000, 0.0), read=(8000, 0.75), heldout=200),
+        # rehearse: the first 1,024 `read` records shuffled into the trajectory SFT's data (without
+        # them it forgot the reading: 38% on the records themselves after `read`, 20% after SFT; with
+        # them reading on the held-out trajectories went 16% -> 36%; README, "What each stage taught")
+        perception=dict(look=(16000, 0.0), read=(8000, 0.75), heldout=200, rehearse=1024),
         look="--lr 1e-3 --freeze-vision --global-batch 16 --epochs 1 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 1 --no-activation-checkpointing",
         # batch 2 on purpose: a sample costs about the same at batch 2 as at batch 8 (sft.py's
@@ -738,7 +840,7 @@ PRESETS = {
     ),
     "smoke": dict(  # `--smoke`: the same sequence in miniature (CI): every stage runs and hands on its checkpoint
         world=dict(n_train=16, n_eval=8, seed=0),
-        perception=dict(look=(8, 0.0), read=(8, 0.75), heldout=4),
+        perception=dict(look=(8, 0.0), read=(8, 0.75), heldout=4, rehearse=4),
         look="--lr 1e-3 --freeze-vision --global-batch 4 --epochs 1 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
         sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 2 --epochs 1 --no-activation-checkpointing",
@@ -746,6 +848,28 @@ PRESETS = {
              "--max-context 4096 --lr 5e-5 --no-activation-checkpointing",
         eval="--greedy --batch-size 8 --max-turn-tokens 32 --max-new-tokens 64 --max-context 4096",
     ),
+}
+
+# The Figure 4 sweep (`--figure4`): the four encoder variants of paper section 4.4 are the two
+# switches of data.Initial (sft.py / eval.py --initial-groups, --initial-inquiry), each trained from
+# the same ViLaVT tiny base with the same data, steps and seed, so that they differ in nothing else.
+# (The paper's Vanilla is Qwen2.5-VL's own encoder; ours is ViLaVT's with both switches off, whose
+# query-aware layers then see one image and no text: the same weights, attending as a vanilla ViT.)
+FIGURE4_VARIANTS = (("ViLaVT", "joint", "question"), ("w/o Inquiry", "joint", "none"),
+                    ("w/o Multi-Image", "per-image", "question"), ("Vanilla", "per-image", "none"))
+FIGURE4_PRESETS = {
+    # budgets: total visual tokens of a question's two images; training at the first, evaluation at
+    # each (168x168 -> 84x84 per image, a third of the tokens at the last)
+    # seed 1: the task was designed on seed 0's splits (README, "Figure 4 in miniature"), so that the
+    # reported sweep is on questions no choice was made on
+    "tiny": dict(world=dict(n_train=12000, n_eval=400, seed=1), budgets=(72, 56, 40, 24),
+                 sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 1 --no-activation-checkpointing",
+                 eval="--mode direct --greedy --batch-size 32 --max-turn-tokens 16 --max-new-tokens 16 "
+                      "--max-context 1024"),
+    "smoke": dict(world=dict(n_train=16, n_eval=8, seed=0), budgets=(72, 24),
+                  sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
+                  eval="--mode direct --greedy --batch-size 8 --max-turn-tokens 16 --max-new-tokens 16 "
+                       "--max-context 1024"),
 }
 
 # the results table: row name, the stage whose checkpoint it evaluates, eval.py flags
@@ -770,8 +894,9 @@ def run(script, *flags):
 
 def make_data(zoom, world, perception):
     """The task's data (make_world; make_perception's records of each perception stage, and
-    `heldout` more, all reading and grounding alike, to probe them), unless zoom/ already holds
-    it for these sizes and this config."""
+    `heldout` more, all reading and grounding alike, to probe them; train_rehearse.jsonl: the
+    trajectories with the first `rehearse` reading-stage records shuffled in), unless zoom/
+    already holds it for these sizes and this config."""
     meta = os.path.join(zoom, "meta.json")
     want = json.loads(json.dumps(dict(world, perception=perception, config=asdict(ZoomWorldConfig()))))  # as read back
     if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
@@ -780,8 +905,15 @@ def make_data(zoom, world, perception):
           f"{perception})", flush=True)
     shutil.rmtree(zoom + ".tmp", ignore_errors=True)
     make_world(zoom + ".tmp", **world)
-    for name, (n, share_read) in dict(perception, heldout=(perception["heldout"], 0.5)).items():
+    for name, (n, share_read) in dict(look=perception["look"], read=perception["read"],
+                                      heldout=(perception["heldout"], 0.5)).items():
         make_perception(zoom + ".tmp", n, seed=world["seed"], share_read=share_read, name=f"perception_{name}")
+    with open(os.path.join(zoom + ".tmp", "train.jsonl")) as f, \
+            open(os.path.join(zoom + ".tmp", "perception_read.jsonl")) as g:
+        mix = f.readlines() + g.readlines()[:perception["rehearse"]]
+    random.Random(world["seed"]).shuffle(mix)
+    with open(os.path.join(zoom + ".tmp", "train_rehearse.jsonl"), "w") as f:
+        f.writelines(mix)
     m = read_json(os.path.join(zoom + ".tmp", "meta.json"))
     atomic_write(os.path.join(zoom + ".tmp", "meta.json"), json.dumps(dict(m, perception=perception), indent=1))
     shutil.rmtree(zoom, ignore_errors=True)
@@ -803,24 +935,76 @@ def train(script, model, data, out_dir, flags):
         *flags.split(), *(["--resume"] if os.path.exists(out_dir) else []))
 
 
-def evaluate(ckpt, bench, out, flags, n):
-    """One row: eval.py on the held-out split, unless out holds all n answers, newer than ckpt."""
-    if os.path.exists(out) and os.path.getmtime(out) < os.path.getmtime(os.path.join(ckpt, "meta.json")):
-        os.remove(out)  # a re-trained stage: its old answers are stale
-    if os.path.exists(out) and sum(ln.get("error") is None for ln in read_results(results_files(out))[0].values()) == n:
+def evaluate(ckpt, bench, out, flags, n, written=None):
+    """eval.py on the held-out split, unless every file it writes (`written`, default [out]; a
+    --sweep writes one per budget) holds all n answers, newer than ckpt."""
+    done = 0
+    for f in written or [out]:
+        if os.path.exists(f) and os.path.getmtime(f) < os.path.getmtime(os.path.join(ckpt, "meta.json")):
+            os.remove(f)  # a re-trained stage: its old answers are stale
+        done += os.path.exists(f) and sum(ln.get("error") is None for ln in read_results(results_files(f))[0].values()) == n
+    if done == len(written or [out]):
         return print(f"{out}: done, skipped")
     run("eval.py", "--model", ckpt, "--bench", bench, "--image-root", os.path.dirname(bench), "--out", out,
         *flags.split())
+
+
+def figure4(root, preset):
+    """The Figure 4 sweep under root: data, one tiny base, each variant trained by sft.py and
+    evaluated by eval.py --sweep at every budget; writes results.json ([{variant, budget_tokens,
+    accuracy, n, ...}]), results.md and results.png. Resumable as the demo is."""
+    import zoom_metrics as zm
+    t0, times = time.time(), {}
+    data, budgets = os.path.join(root, "data"), preset["budgets"]
+    want = dict(preset["world"], task="figure 4", sides=[list(s) for s in FIGURE4_SIDES], scales=list(FIGURE4_SCALES),
+                config=json.loads(json.dumps(asdict(FIGURE4_WORLD))))
+    meta = os.path.join(data, "meta.json")
+    if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
+        print(f"{data}: up to date, skipped")
+    else:
+        print(f"writing the Figure 4 task to {data} ({preset['world']})", flush=True)
+        shutil.rmtree(data + ".tmp", ignore_errors=True)
+        make_figure4(data + ".tmp", **preset["world"])
+        shutil.rmtree(data, ignore_errors=True)
+        os.replace(data + ".tmp", data)
+    base = os.path.join(root, "tiny-base")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        build_tiny_base(base)
+    bench, rows = os.path.join(data, "eval.jsonl"), []
+    questions = load_bench(bench)
+    times["data and base"] = time.time() - t0
+    for name, groups, inquiry in FIGURE4_VARIANTS:
+        t, slug = time.time(), name.lower().replace("w/o ", "no_").replace("-", "_")
+        switches = f"--initial-groups {groups} --initial-inquiry {inquiry}"
+        train("sft.py", base, os.path.join(data, "train.jsonl"), os.path.join(root, slug),
+              f"{preset['sft']} --total-visual-tokens {budgets[0]} {switches}")
+        ckpt, out = latest_checkpoint(os.path.join(root, slug)), os.path.join(root, "eval", slug + ".jsonl")
+        files = [os.path.join(root, "eval", f"{slug}.direct.tok{b}.jsonl") for b in budgets]
+        evaluate(ckpt, bench, out, f"{switches} --sweep {','.join(map(str, budgets))} {preset['eval']}",
+                 len(questions), files)
+        for b, f in zip(budgets, files):
+            rows.append(dict(variant=name, budget_tokens=b, **zm.figure4_point(questions, read_results([f])[0])))
+        times[slug] = time.time() - t
+    atomic_write(os.path.join(root, "results.json"), json.dumps(rows, indent=1) + "\n")
+    atomic_write(os.path.join(root, "results.md"), zm.figure4_table(rows))
+    zm.figure4_plot(rows, os.path.join(root, "results.png"))
+    print("\n" + zm.figure4_table(rows) + f"\nwrote {os.path.join(root, 'results.json')}, .md, .png")
+    print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
+          f"; in all {(time.time() - t0) / 60:.1f} min ({torch.get_num_threads()} threads per process)")
+    return rows
 
 
 def main(argv=None):
     import zoom_metrics as zm  # the demo's instruments (their own file, which imports this one)
     ap = argparse.ArgumentParser(description="The zoom-world demo: data, tiny models, SFT, GRPO, eval (README)")
     ap.add_argument("--smoke", action="store_true", help="the smoke preset, under out/smoke/ (CI)")
+    ap.add_argument("--figure4", action="store_true", help="the Figure 4 sweep instead (out/figure4/)")
     ap.add_argument("--out", help="the demo's folder (default: out, or out/smoke with --smoke)")
     args = ap.parse_args(argv)
-    preset = PRESETS["smoke" if args.smoke else "tiny"]
+    preset = (FIGURE4_PRESETS if args.figure4 else PRESETS)["smoke" if args.smoke else "tiny"]
     root = (args.out or os.path.join("out", "smoke" if args.smoke else "")).rstrip("/") or "."
+    if args.figure4:
+        return figure4(root if args.out else os.path.join(root, "figure4"), preset)
     t0, times = time.time(), {}
     zoom = os.path.join(root, "zoom")
     make_data(zoom, preset["world"], preset["perception"])
@@ -832,7 +1016,7 @@ def main(argv=None):
     for v in ("", "-vanilla"):  # (stage, its script, the model it starts from, its data)
         for stage, script, model, data in (("look", "sft", f"tiny-base{v}", "perception_look.jsonl"),
                                            ("read", "sft", f"look{v}/latest", "perception_read.jsonl"),
-                                           ("sft", "sft", f"read{v}/latest", "train.jsonl"),
+                                           ("sft", "sft", f"read{v}/latest", "train_rehearse.jsonl"),
                                            ("grpo", "grpo", f"sft{v}/latest", "train.jsonl")):
             t = time.time()
             train(script + ".py", os.path.join(root, model), os.path.join(zoom, data), os.path.join(root, stage + v),
