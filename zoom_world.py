@@ -1000,8 +1000,11 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="the smoke preset, under out/smoke/ (CI)")
     ap.add_argument("--figure4", action="store_true", help="the Figure 4 sweep instead (out/figure4/)")
     ap.add_argument("--out", help="the demo's folder (default: out, or out/smoke with --smoke)")
+    ap.add_argument("--seed", type=int, help="the task data's seed (default: the preset's)")
     args = ap.parse_args(argv)
     preset = (FIGURE4_PRESETS if args.figure4 else PRESETS)["smoke" if args.smoke else "tiny"]
+    if args.seed is not None:
+        preset = dict(preset, world=dict(preset["world"], seed=args.seed))
     root = (args.out or os.path.join("out", "smoke" if args.smoke else "")).rstrip("/") or "."
     if args.figure4:
         return figure4(root if args.out else os.path.join(root, "figure4"), preset)
