@@ -892,32 +892,39 @@ def run(script, *flags):
     subprocess.run([sys.executable] + cmd, check=True)
 
 
+def build_once(folder, want, build, what):
+    """build(tmp) writes a data folder whose meta.json holds `want` (as JSON reads it back), unless
+    `folder` already does; the temp folder replaces `folder` whole, so a kill leaves the old one."""
+    want = json.loads(json.dumps(want))
+    meta = os.path.join(folder, "meta.json")
+    if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
+        return print(f"{folder}: up to date, skipped")
+    print(f"writing {what} to {folder}", flush=True)
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    build(folder + ".tmp")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(folder + ".tmp", folder)
+
+
 def make_data(zoom, world, perception):
     """The task's data (make_world; make_perception's records of each perception stage, and
     `heldout` more, all reading and grounding alike, to probe them; train_rehearse.jsonl: the
     trajectories with the first `rehearse` reading-stage records shuffled in), unless zoom/
     already holds it for these sizes and this config."""
-    meta = os.path.join(zoom, "meta.json")
-    want = json.loads(json.dumps(dict(world, perception=perception, config=asdict(ZoomWorldConfig()))))  # as read back
-    if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
-        return print(f"{zoom}: up to date, skipped")
-    print(f"writing the zoom world to {zoom} ({world['n_train']} train, {world['n_eval']} eval; perception "
-          f"{perception})", flush=True)
-    shutil.rmtree(zoom + ".tmp", ignore_errors=True)
-    make_world(zoom + ".tmp", **world)
-    for name, (n, share_read) in dict(look=perception["look"], read=perception["read"],
-                                      heldout=(perception["heldout"], 0.5)).items():
-        make_perception(zoom + ".tmp", n, seed=world["seed"], share_read=share_read, name=f"perception_{name}")
-    with open(os.path.join(zoom + ".tmp", "train.jsonl")) as f, \
-            open(os.path.join(zoom + ".tmp", "perception_read.jsonl")) as g:
-        mix = f.readlines() + g.readlines()[:perception["rehearse"]]
-    random.Random(world["seed"]).shuffle(mix)
-    with open(os.path.join(zoom + ".tmp", "train_rehearse.jsonl"), "w") as f:
-        f.writelines(mix)
-    m = read_json(os.path.join(zoom + ".tmp", "meta.json"))
-    atomic_write(os.path.join(zoom + ".tmp", "meta.json"), json.dumps(dict(m, perception=perception), indent=1))
-    shutil.rmtree(zoom, ignore_errors=True)
-    os.replace(zoom + ".tmp", zoom)
+    def build(tmp):
+        make_world(tmp, **world)
+        for name, (n, share_read) in dict(look=perception["look"], read=perception["read"],
+                                          heldout=(perception["heldout"], 0.5)).items():
+            make_perception(tmp, n, seed=world["seed"], share_read=share_read, name=f"perception_{name}")
+        with open(os.path.join(tmp, "train.jsonl")) as f, open(os.path.join(tmp, "perception_read.jsonl")) as g:
+            mix = f.readlines() + g.readlines()[:perception["rehearse"]]
+        random.Random(world["seed"]).shuffle(mix)
+        with open(os.path.join(tmp, "train_rehearse.jsonl"), "w") as f:
+            f.writelines(mix)
+        m = read_json(os.path.join(tmp, "meta.json"))
+        atomic_write(os.path.join(tmp, "meta.json"), json.dumps(dict(m, perception=perception), indent=1))
+    build_once(zoom, dict(world, perception=perception, config=asdict(ZoomWorldConfig())), build,
+               f"the zoom world ({world['n_train']} train, {world['n_eval']} eval; perception {perception})")
 
 
 def train(script, model, data, out_dir, flags):
@@ -938,12 +945,12 @@ def train(script, model, data, out_dir, flags):
 def evaluate(ckpt, bench, out, flags, n, written=None):
     """eval.py on the held-out split, unless every file it writes (`written`, default [out]; a
     --sweep writes one per budget) holds all n answers, newer than ckpt."""
-    done = 0
-    for f in written or [out]:
+    written, done = written or [out], 0
+    for f in written:
         if os.path.exists(f) and os.path.getmtime(f) < os.path.getmtime(os.path.join(ckpt, "meta.json")):
             os.remove(f)  # a re-trained stage: its old answers are stale
         done += os.path.exists(f) and sum(ln.get("error") is None for ln in read_results(results_files(f))[0].values()) == n
-    if done == len(written or [out]):
+    if done == len(written):
         return print(f"{out}: done, skipped")
     run("eval.py", "--model", ckpt, "--bench", bench, "--image-root", os.path.dirname(bench), "--out", out,
         *flags.split())
@@ -956,17 +963,9 @@ def figure4(root, preset):
     import zoom_metrics as zm
     t0, times = time.time(), {}
     data, budgets = os.path.join(root, "data"), preset["budgets"]
-    want = dict(preset["world"], task="figure 4", sides=[list(s) for s in FIGURE4_SIDES], scales=list(FIGURE4_SCALES),
-                config=json.loads(json.dumps(asdict(FIGURE4_WORLD))))
-    meta = os.path.join(data, "meta.json")
-    if os.path.exists(meta) and want == {k: v for k, v in read_json(meta).items() if k in want}:
-        print(f"{data}: up to date, skipped")
-    else:
-        print(f"writing the Figure 4 task to {data} ({preset['world']})", flush=True)
-        shutil.rmtree(data + ".tmp", ignore_errors=True)
-        make_figure4(data + ".tmp", **preset["world"])
-        shutil.rmtree(data, ignore_errors=True)
-        os.replace(data + ".tmp", data)
+    build_once(data, dict(preset["world"], task="figure 4", sides=FIGURE4_SIDES, scales=FIGURE4_SCALES,
+                          config=asdict(FIGURE4_WORLD)),
+               lambda tmp: make_figure4(tmp, **preset["world"]), f"the Figure 4 task ({preset['world']})")
     base = os.path.join(root, "tiny-base")
     if not os.path.exists(os.path.join(base, "config.json")):
         build_tiny_base(base)
