@@ -224,7 +224,9 @@ def fused_old(args):
     """One optimizer step per rollout batch (the paper's setting): the policy that the update
     starts from is the one that sampled, so the old log-probs are the update forward's own,
     detached (ratio 1, Eq. 6's gradient unchanged), and their separate pass would be a wasted
-    forward (TRL does the same with num_iterations 1). More steps need them fixed beforehand."""
+    forward (TRL does the same with num_iterations 1). More steps need them fixed beforehand.
+    SPEC 6 has them recomputed before the updates: the same numbers by the same model (tested
+    within 1e-5), taken one forward later; README, "Where we differ"."""
     return args.mini_batches == 1 and args.update_epochs == 1
 
 
