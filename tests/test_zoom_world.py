@@ -120,10 +120,15 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
             assert img.shape == (168, 168) and f"has {answer} dots" in think
             lo, hi = cfg.ink_levels
             assert (img <= lo + 20).sum() >= int(answer) * (cfg.dot_size // 2) ** 2  # each dot: its dark half (the ramp moves it +-16)
+    n_images = lambda recs: sorted({len(r["images"]) for r in recs if r["task"] == "ground"})  # noqa: E731
+    assert n_images(recs) == [1, 2, 3]  # share_multi 0.5: both kinds
+    for share_multi, want in ((0.0, [1]), (1.0, [2, 3])):  # the demo's stages: single images only
+        p = zw.make_perception(str(tmp_path), 24, share_read=0.0, share_multi=share_multi, name=f"m{share_multi}")
+        assert n_images(rec for _, rec in data.read_jsonl(p, need_steps=True, need_answer=False)[0]) == want
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
-    """The tiny preset's SFT flags, cut short (--max-steps 40) on a smaller zoom world: the loss
+    """The tiny preset's SFT flags, cut short (--max-steps 80) on a smaller zoom world: the loss
     falls. The full run is in the README."""
     import sft
     base, zoom = str(tmp_path / "base"), str(tmp_path / "zoom")
@@ -132,12 +137,12 @@ def test_tiny_preset_sft_learns(tmp_path, tokenizer):
     threads = torch.get_num_threads()
     try:
         sft.main(["--model", base, "--data", os.path.join(zoom, "train.jsonl"), "--out-dir", str(tmp_path / "sft"),
-                  *zw.PRESETS["tiny"]["sft"].split(), "--max-steps", "40", "--save-every", "1000"])
+                  *zw.PRESETS["tiny"]["sft"].split(), "--max-steps", "80", "--save-every", "1000"])
     finally:
         torch.set_num_threads(threads)
     with open(tmp_path / "sft" / "log.jsonl") as f:
         curve = [json.loads(ln)["loss"] for ln in f]
-    assert len(curve) == 40 and sum(curve[-3:]) / 3 < 0.7 * curve[0], curve
+    assert len(curve) == 80 and sum(curve[-3:]) / 3 < 0.7 * curve[0], curve
 
 
 def question(qid, kind, answer, category, target_boxes, options=None):
