@@ -4,8 +4,8 @@ The zoom world's instruments: the demo's results table and the probes of its mod
     demo_metrics    a run's table row from eval.py's results lines and the records' scenes
                     (box hit: does the crop hold the target card?)
     probe_model     the sub-skills a chat trajectory strings together (copy, grounding,
-                    reading), teacher-forced on held-out records, and the visual features'
-                    spread against their shared mean (the collapse issue 12 measured)
+                    reading, option), teacher-forced on held-out records, and the visual
+                    features' spread against their shared mean (the collapse issue 12 measured)
     probe_perception  the perception stages' own skills on held-out perception records
     figure4_point   one point of the Figure 4 sweep: a variant's accuracy at one budget, per
                     question kind; figure4_table and figure4_plot draw the sweep
@@ -73,6 +73,11 @@ def demo_metrics(questions, lines):
                 accuracy_ci95=ci95(mc), score_ci95=ci95(mc + num), box_hit_rate_ci95=ci95(boxes))
 
 
+def fmt(x):
+    """A percentage with one decimal, or "-" for none."""
+    return "-" if x is None else f"{x:.1f}"
+
+
 def pct(v):
     """The mean of scores in [0, 1] as a percentage (None for none)."""
     return 100 * statistics.fmean(v) if v else None
@@ -101,9 +106,10 @@ def question_score(q, lines):
 # were right. copy: the card's colour, named in the question ("The question is about the {color}
 # card"); grounding: the cell of that card in the initial view ("which is {place}"), the skill
 # the bbox follows from; reading: the mark's value seen in the gold crop ("the red card has
-# {value} dots"), after the zoom.
+# {value} dots"), after the zoom; option (multiple-choice records only): the letter of that value
+# among the question's options ("That is option {letter}"), a look-up in the prompt's text.
 
-PROBES = ("copy", "grounding", "reading")
+PROBES = ("copy", "grounding", "reading", "option")
 
 
 def probe_candidates(rec, cfg=ZoomWorldConfig()):
@@ -128,9 +134,15 @@ def probe_candidates(rec, cfg=ZoomWorldConfig()):
     read = lambda v: rec["steps"][last]["think"].replace(  # noqa: E731
         TEXT[f"t_read_{rec['mark']}"].format(k=1, value=card["value"], **words),
         TEXT[f"t_read_{rec['mark']}"].format(k=1, value=v, **words))
-    return {"copy": ([swap(0, zoom(c, place)) for c in COLORS], list(COLORS).index(color)),
-            "grounding": ([swap(0, zoom(color, p)) for p in places], places.index(place)),
-            "reading": ([swap(last, read(v)) for v in values], values.index(card["value"]))}
+    out = {"copy": ([swap(0, zoom(c, place)) for c in COLORS], list(COLORS).index(color)),
+           "grounding": ([swap(0, zoom(color, p)) for p in places], places.index(place)),
+           "reading": ([swap(last, read(v)) for v in values], values.index(card["value"]))}
+    if rec.get("options"):  # multiple choice: the think's value looked up among the question's options
+        think, letters = rec["steps"][last]["think"], [o.split(".")[0] for o in rec["options"]]
+        stem = think[:-len(TEXT["t_option"].format(letter=rec["answer"]))]
+        out["option"] = ([swap(last, stem + TEXT["t_option"].format(letter=x)) for x in letters],
+                         letters.index(rec["answer"]))
+    return out
 
 
 def slot_scores(model, samples):
@@ -172,7 +184,7 @@ def probe_model(model, ct, bench, image_root, limit=None):
         spread.append(float(f.std(0).mean())), mean.append(float(f.mean(0).abs().mean()))
     # the issue's instrument: the visual tokens' variation across one image's tokens against the
     # magnitude of their shared mean (a collapse grows the mean while the variation stays)
-    return dict({p: 100 * statistics.fmean(v) for p, v in right.items()}, n=len(probed),
+    return dict({p: pct(v) for p, v in right.items()}, n=len(probed), n_option=len(right["option"]),
                 feature_spread=statistics.fmean(spread), feature_mean=statistics.fmean(mean))
 
 
@@ -187,7 +199,8 @@ def probe_perception(model, ct, path, image_root, limit=None, cfg=ZoomWorldConfi
         think = rec["steps"][0]["think"]
         if rec["task"] == "ground":
             color = next(c for c in COLORS if c in rec["question"].split())
-            head = TEXT["t_where"].format(color=color, places="")[:-1]  # "The red card is ": the places follow
+            n = len(rec["images"])  # the sentence up to the places, which follow
+            head = TEXT["t_where_multi" if n > 1 else "t_where"].format(color=color, n=n, places="")[:-1]
             gold = next(p for p in places if think.startswith(f"{head}{p} of image 0"))
             thinks = [f"{head}{p}{think[len(head) + len(gold):]}" for p in places]
             k = places.index(gold)
@@ -211,7 +224,6 @@ def train_reward_fifths(log_path):
 
 def demo_table(rows):
     """The rows as Markdown; a column with a 95% interval (k_ci95) shows it as +- its half-width."""
-    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     cell = lambda r, k: fmt(r[k]) + (f" ± {r[k + '_ci95']:.1f}" if r.get(k + "_ci95") is not None else "")  # noqa: E731
     head = "| Row | " + " | ".join(t for _, t in COLUMNS) + " | Questions |"
     out = [head, "|" + "---|" * (len(COLUMNS) + 2)]

@@ -234,7 +234,10 @@ TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is", {
     "t_total": "In total that is {expr} = {value}.",
     "q_where": "Where is the {color} card?",
     "q_where_multi": "Where is the {color} card in each image?",
-    "t_where": "The {color} card is {places}.",
+    # the first sentence of t_zoom and of t_multi, so that grounding learnt on the perception records
+    # carries over word for word to a trajectory's first think
+    "t_where": "The question is about the {color} card, which is {places}.",
+    "t_where_multi": "I need the {color} card in each of the {n} images: it is {places}.",
     "t_read_image": "In image {index}, the {color} card has {value} dots.",
     "t_largest": "The largest card is {place} of the image, and it is {color}. That is clear without zooming in.",
     "t_cards": "All cards are clearly visible without zooming in: there are {value} of them.",
@@ -660,12 +663,13 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 # the perception stage: a base that can see (issue 12; the paper starts from a pretrained VLM)
 
 
-def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5):
+def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0):
     """One single-step record and its images: where the asked card is in one scene, or with
     probability share_multi in each of 2-3 (the think names the places as a trajectory's first
     think does; the answer is the cells' bboxes, as its tool call writes them), or read=True: the
     dots on the card of one gold zoom (the cell cut from the original at twice the display scale,
-    shown as an image of its own)."""
+    shown as an image of its own), with probability share_mc as a multiple-choice question whose
+    think ends as a trajectory's does ("... has 4 dots. That is option C.")."""
     Wd, Hd, r = geom
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     if read:
@@ -673,8 +677,12 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5):
         cards = _scene(rng, cfg, r, "dots", [color], {color: value})
         t = next(c for c in cards if c["color"] == color)
         images = [_cell_crop(cfg, _render(rng, cfg, r, cards), t["box"])]
-        question = TEXT["q_dots"].format(color=color)
-        steps = [{"think": TEXT["t_read_image"].format(index=0, color=color, value=value), "answer": str(value)}]
+        question, options, think, answer = TEXT["q_dots"].format(color=color), None, \
+            TEXT["t_read_image"].format(index=0, color=color, value=value), str(value)
+        if rng.random() < share_mc:
+            options, answer = _options(rng, value, list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)))
+            think += TEXT["t_option"].format(letter=answer)
+        steps = [{"think": think, "answer": answer}]
     else:
         n = 1 if rng.random() < 1 - share_multi else int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
         scenes = [_scene(rng, cfg, r, "dots", [color], {}) for _ in range(n)]
@@ -683,21 +691,23 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5):
         question = TEXT["q_where_multi" if n > 1 else "q_where"].format(color=color)
         places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i) for i, t in enumerate(targets))
         boxes = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))} for i, t in enumerate(targets)]
-        steps = [{"think": TEXT["t_where"].format(color=color, places=places), "answer": json.dumps(boxes)}]
+        think = TEXT["t_where_multi" if n > 1 else "t_where"].format(color=color, n=n, places=places)
+        steps, options = [{"think": think, "answer": json.dumps(boxes)}], None
         target_boxes = [_normalised(cfg, t["box"]) for t in targets]
     paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
-    rec = {"id": name, "images": paths, "question": question, "task": "read" if read else "ground",
+    rec = {"id": name, "images": paths, "question": question, "options": options, "task": "read" if read else "ground",
            "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": steps,
-           "prompt": user_turn(len(images), question, cfg.question_first)}
+           "prompt": user_turn(len(images), format_question(question, options), cfg.question_first)}
     if not read:
         rec["target_boxes"] = target_boxes  # as make_world's: the asked card's box, normalised to each original
     return rec, images
 
 
-def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, share_multi=0.5, name="perception"):
+def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, share_multi=0.5, share_mc=0.0,
+                    name="perception"):
     """Write out_dir/{name}.jsonl (n single-step records, sft.py's schema: share_read of them
-    reading, the rest grounding, share_multi of those in 2-3 images; _perception_sample) and their
-    images under out_dir/perception/.
+    reading, share_mc of those multiple choice; the rest grounding, share_multi of those in 2-3
+    images; _perception_sample) and their images under out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
     seed = cfg.seed if seed is None else seed
     geom = _geometry(cfg)
@@ -708,7 +718,7 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
     with open(path, "w") as f:
         for i in range(n):
             rec, images = _perception_sample(np.random.default_rng(stream + [i]), cfg, geom, f"{name}_{i:05d}", read[i],
-                                              share_multi)
+                                              share_multi, share_mc)
             for p, img in zip(rec["images"], images):
                 img.save(os.path.join(out_dir, p), compress_level=1)
             f.write(json.dumps(rec) + "\n")
@@ -817,16 +827,19 @@ PRESETS = {
     "tiny": dict(  # the README's demo: `python zoom_world.py`
         world=dict(n_train=2048, n_eval=256, seed=0),
         # the perception stages (issue 12: a base that can see, before any trajectory), each its
-        # records (make_perception: how many, the share of reading, the share of grounding records
-        # over 2-3 images) and sft.py's flags. "look": where the asked card is, in one image, the
-        # tower frozen (it trains its LM read-out fastest; README, "Learning to look"); "read": the
-        # dots on a gold zoom, single-image grounding kept in the mix, the tower at a tenth of the
-        # LM's lr (at the same lr its features collapse into one shared mean). Single images only:
-        # with half the grounding records over 2-3 images, `look` left single-image grounding at 40%
-        # after 1,000 steps of 16; on single images alone, 94% (README, "Learning to look", D1-D2)
+        # records (make_perception's arguments) and sft.py's flags. "look": where the asked card is,
+        # in one image, the tower frozen (it trains its LM read-out fastest; README, "Learning to
+        # look"); "read": the dots on a gold zoom, half of them as multiple choice, single-image
+        # grounding kept in the mix, the tower at a tenth of the LM's lr (at the same lr its
+        # features collapse into one shared mean). Single images only: with half the grounding
+        # records over 2-3 images, `look` left single-image grounding at 40% after 1,000 steps of
+        # 16; on single images alone, 94%. Multiple choice: without it the trajectories never
+        # learnt to find their count among the options (the option probe at chance, 25%); with it,
+        # 71-72% (README, "Learning to look", D1-D7).
         # rehearse: the first 1,024 `read` records shuffled into the trajectory SFT's data (without
         # them it forgot the reading: 38% on the records themselves after `read`, 20% after SFT)
-        perception=dict(look=(8000, 0.0, 0.0), read=(7000, 0.85, 0.0), heldout=200, rehearse=1024),
+        perception=dict(look=dict(n=8000, share_read=0.0, share_multi=0.0),
+                        read=dict(n=7000, share_read=0.85, share_multi=0.0, share_mc=0.5), heldout=200, rehearse=1024),
         look="--lr 1e-3 --freeze-vision --global-batch 16 --epochs 2 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 2 --no-activation-checkpointing",
         # batch 2 on purpose: a sample costs about the same at batch 2 as at batch 8 (sft.py's
@@ -848,7 +861,8 @@ PRESETS = {
     ),
     "smoke": dict(  # `--smoke`: the same sequence in miniature (CI): every stage runs and hands on its checkpoint
         world=dict(n_train=16, n_eval=8, seed=0),
-        perception=dict(look=(8, 0.0, 0.0), read=(8, 0.75, 0.0), heldout=4, rehearse=4),
+        perception=dict(look=dict(n=8, share_read=0.0, share_multi=0.0),
+                        read=dict(n=8, share_read=0.75, share_multi=0.0, share_mc=0.5), heldout=4, rehearse=4),
         look="--lr 1e-3 --freeze-vision --global-batch 4 --epochs 1 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
         sft="--lr 3e-4 --vision-lr 3e-5 --global-batch 2 --epochs 1 --no-activation-checkpointing",
@@ -921,10 +935,9 @@ def make_data(zoom, world, perception):
     already holds it for these sizes and this config."""
     def build(tmp):
         make_world(tmp, **world)
-        for name, (n, share_read, share_multi) in dict(look=perception["look"], read=perception["read"],
-                                                       heldout=(perception["heldout"], 0.5, 0.5)).items():
-            make_perception(tmp, n, seed=world["seed"], share_read=share_read, share_multi=share_multi,
-                            name=f"perception_{name}")
+        for name, kw in dict(look=perception["look"], read=perception["read"],
+                             heldout=dict(n=perception["heldout"], share_read=0.5, share_multi=0.5)).items():
+            make_perception(tmp, **kw, seed=world["seed"], name=f"perception_{name}")
         with open(os.path.join(tmp, "train.jsonl")) as f, open(os.path.join(tmp, "perception_read.jsonl")) as g:
             mix = f.readlines() + g.readlines()[:perception["rehearse"]]
         random.Random(world["seed"]).shuffle(mix)
@@ -1055,7 +1068,7 @@ def main(argv=None):
         probes[stage] = zm.probe_model(model, ct, bench, os.path.dirname(bench))
         own = zm.probe_perception(model, ct, os.path.join(zoom, "perception_heldout.jsonl"), zoom)  # the stages' own
         probes[stage].update(perception_ground=own["ground"], perception_read=own["read"], perception_n=own["n"])
-        print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {probes[stage][p]:.1f}%" for p in zm.PROBES) +
+        print(f"probes of {stage} ({ckpt}): " + ", ".join(f"{p} {zm.fmt(probes[stage][p])}%" for p in zm.PROBES) +
               f" (n={probes[stage]['n']}); the perception records' own: ground {own['ground']:.1f}%, read "
               f"{own['read']:.1f}% (n={own['n']}); visual features: spread over tokens {probes[stage]['feature_spread']:.4f}, "
               f"|mean| {probes[stage]['feature_mean']:.4f}", flush=True)

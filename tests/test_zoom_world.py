@@ -81,7 +81,8 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     probes = json.load(open(smoke / "demo" / "probes.json"))
     assert list(probes) == ["base", "look", "read", "sft", "grpo"]
     for stage in probes.values():
-        assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zm.PROBES), stage
+        assert stage["n"] >= 1 and all(0 <= stage[p] <= 100 for p in zm.PROBES if p != "option"), stage
+        assert (stage["option"] is None) == (stage["n_option"] == 0), stage  # multiple-choice records only
         assert stage["perception_n"] == 4 and 0 <= stage["perception_ground"] <= 100, stage
         assert stage["feature_spread"] > 0 and stage["feature_mean"] > 0, stage
     table = open(smoke / "demo" / "results.md").read()
@@ -125,6 +126,17 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
     for share_multi, want in ((0.0, [1]), (1.0, [2, 3])):  # the demo's stages: single images only
         p = zw.make_perception(str(tmp_path), 24, share_read=0.0, share_multi=share_multi, name=f"m{share_multi}")
         assert n_images(rec for _, rec in data.read_jsonl(p, need_steps=True, need_answer=False)[0]) == want
+    p = zw.make_perception(str(tmp_path), 24, share_read=1.0, share_mc=0.5, name="mc")
+    recs = [rec for _, rec in data.read_jsonl(p, need_steps=True, need_answer=False)[0]]
+    assert 0 < sum(r["options"] is not None for r in recs) < 24
+    for r in recs:  # a multiple-choice reading: the think's value, then its letter among the options
+        step = r["steps"][0]
+        value = step["think"].split(" dots")[0].split()[-1]
+        if r["options"]:
+            assert f"{step['answer']}. {value}" in r["options"] and r["prompt"].endswith("\n".join(r["options"]))
+            assert step["think"].endswith(f"That is option {step['answer']}.")
+        else:
+            assert step["answer"] == value
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
@@ -448,10 +460,13 @@ def test_probes_swap_one_slot_and_score_it(tmp_path):
     model, ct = load(str(tmp_path / "base"))
     recs = [rec for _, rec in data.read_jsonl(world["eval"])[0] if zm.probe_candidates(rec)]
     assert recs and all(r["category"] == "single" for r in recs)
-    for rec in recs[:2]:
+    mc = next(r for r in recs if r["options"])
+    assert {r["id"] for r in recs if "option" in zm.probe_candidates(r)} == {r["id"] for r in recs if r["options"]}
+    assert [c["steps"][-1]["think"][-2] for c in zm.probe_candidates(mc)["option"][0]] == list("ABCD")
+    for rec in recs[:2] + [mc]:
         for probe, (cands, gold) in zm.probe_candidates(rec).items():
             assert cands[gold] == rec, probe
-            k = 0 if probe != "reading" else len(rec["steps"]) - 1
+            k = 0 if probe not in ("reading", "option") else len(rec["steps"]) - 1
             for c in cands:
                 assert [s for j, s in enumerate(c["steps"]) if j != k] == [s for j, s in enumerate(rec["steps"]) if j != k]
             assert len({c["steps"][k]["think"] for c in cands}) == len(cands)
