@@ -122,8 +122,16 @@ def test_two_ranks_match_one(world, baseline):
     assert [r["forwards"] for r in base] == [1, 2, 1, 1, 2]
     assert min(r["forwards"] for r in rows[:3]) == 1 and [r["forwards"] for r in rows[3:]] == [2, 2]
     assert rel_diff([r["grad_norm"] for r in rows], [r["grad_norm"] for r in base]) <= 1e-4
-    wa, wb = final_weights(out), final_weights(baseline)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wb) < 1e-4
+    # the weights: each tensor's difference is under a thousandth of how far training moved it (not an
+    # element-wise bound: Adam turns the float noise of a near-zero gradient, as a rarely seen token's
+    # embedding row gets, into a step of up to lr, so one such row differed by 2.3e-4 at 2 threads,
+    # 7% of its change; the worst tensor's ratio there is 4.7e-4, and a lost optimizer state is ~0.1)
+    wa, wb, w0 = final_weights(out), final_weights(baseline), load_file(os.path.join(world["base"], "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    frozen = {k for k in wb if torch.equal(wb[k], w0[k])}  # the text encoder: unchanged in both runs
+    assert frozen and all(torch.equal(wa[k], w0[k]) for k in frozen)
+    ratio = {k: ((wa[k] - wb[k]).norm() / (wb[k] - w0[k]).norm()).item() for k in wb.keys() - frozen}
+    assert max(ratio.values()) < 1e-3, sorted(ratio.items(), key=lambda kv: kv[1])[-3:]
 
 
 def test_any_micro_batch_size_gives_the_same_gradients(world, monkeypatch):
