@@ -672,17 +672,17 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
     think ends as a trajectory's does ("... has 4 dots. That is option C.")."""
     Wd, Hd, r = geom
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    options = None
     if read:
         value = int(rng.integers(cfg.dot_count[0], cfg.dot_count[1] + 1))
         cards = _scene(rng, cfg, r, "dots", [color], {color: value})
         t = next(c for c in cards if c["color"] == color)
         images = [_cell_crop(cfg, _render(rng, cfg, r, cards), t["box"])]
-        question, options, think, answer = TEXT["q_dots"].format(color=color), None, \
-            TEXT["t_read_image"].format(index=0, color=color, value=value), str(value)
+        question = TEXT["q_dots"].format(color=color)
+        think, answer = TEXT["t_read_image"].format(index=0, color=color, value=value), str(value)
         if rng.random() < share_mc:
             options, answer = _options(rng, value, list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)))
             think += TEXT["t_option"].format(letter=answer)
-        steps = [{"think": think, "answer": answer}]
     else:
         n = 1 if rng.random() < 1 - share_multi else int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
         scenes = [_scene(rng, cfg, r, "dots", [color], {}) for _ in range(n)]
@@ -692,11 +692,11 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
         places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i) for i, t in enumerate(targets))
         boxes = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))} for i, t in enumerate(targets)]
         think = TEXT["t_where_multi" if n > 1 else "t_where"].format(color=color, n=n, places=places)
-        steps, options = [{"think": think, "answer": json.dumps(boxes)}], None
+        answer = json.dumps(boxes)
         target_boxes = [_normalised(cfg, t["box"]) for t in targets]
     paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
     rec = {"id": name, "images": paths, "question": question, "options": options, "task": "read" if read else "ground",
-           "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": steps,
+           "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": [{"think": think, "answer": answer}],
            "prompt": user_turn(len(images), format_question(question, options), cfg.question_first)}
     if not read:
         rec["target_boxes"] = target_boxes  # as make_world's: the asked card's box, normalised to each original
