@@ -25,7 +25,7 @@ import plots
 from data import ENCODER_KEYS, Context, read_jsonl, render_sample
 from eval import final_answer, score_answer
 from reward import format_ok
-from zoom_world import _KIND, COLORS, TEXT, ZoomWorldConfig, _cell_place
+from zoom_world import _KIND, COLORS, TEXT, ZoomWorldConfig, _cell_place, mark_values
 
 # -----------------------------------------------------------------------------
 # the results table
@@ -122,7 +122,7 @@ def probe_candidates(rec, cfg=ZoomWorldConfig()):
     color, place = card["color"], rec["steps"][0]["think"].split("which is ")[1].split(" of image")[0]
     words = dict(_KIND[rec["mark"]], color=color)
     places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
-    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if rec["mark"] == "dots" else list(range(1, 10))
+    values = mark_values(cfg, rec["mark"])
 
     def swap(k, think):
         steps = [dict(s) for s in rec["steps"]]
@@ -193,7 +193,7 @@ def probe_perception(model, ct, path, image_root, limit=None, cfg=ZoomWorldConfi
     make_perception records, scored like the probes: the place of image 0's card among the grid's
     cells, the dots among dot_count's values, each the candidate the model finds most likely."""
     places = [_cell_place(cfg, c, r) for r in range(cfg.grid[1]) for c in range(cfg.grid[0])]
-    values = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1))
+    values = mark_values(cfg, "dots")
     right = {"ground": [], "read": []}
     for where, rec in read_jsonl(path, need_steps=True, need_answer=False)[0][:limit]:
         think = rec["steps"][0]["think"]

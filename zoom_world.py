@@ -470,6 +470,11 @@ def _in_display(box, region, display):
             (box[2] - rx1) / (rx2 - rx1) * W, (box[3] - ry1) / (ry2 - ry1) * H)
 
 
+def mark_values(cfg, kind):
+    """The values a card's mark can take: its dot count, or a digit."""
+    return list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
+
+
 def _options(rng, answer, pool):
     """Four options (the answer and three others of pool), sorted; returns (options, letter)."""
     others = [p for p in pool if p != answer]
@@ -487,7 +492,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
     kind = str(cfg.mark_kinds[int(rng.integers(len(cfg.mark_kinds)))])
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     words = dict(_KIND[kind], color=color)
-    pool = list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
+    pool = mark_values(cfg, kind)
     steps, options = [], None
     if category == "multi":
         n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
@@ -681,7 +686,7 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
         question = TEXT["q_dots"].format(color=color)
         think, answer = TEXT["t_read_image"].format(index=0, color=color, value=value), str(value)
         if rng.random() < share_mc:
-            options, answer = _options(rng, value, list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)))
+            options, answer = _options(rng, value, mark_values(cfg, "dots"))
             think += TEXT["t_option"].format(letter=answer)
     else:
         n = 1 if rng.random() < 1 - share_multi else int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))

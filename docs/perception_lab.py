@@ -153,7 +153,7 @@ def make_task(task, rng):
         cards = zw._scene(rng, cfgw, r, "dots", [color], {})
         t = next(c for c in cards if c["color"] == color)
         img = zw._cell_crop(cfgw, zw._render(rng, cfgw, r, cards), t["box"])  # the gold zoom
-        values = list(range(cfgw.dot_count[0], cfgw.dot_count[1] + 1))
+        values = zw.mark_values(cfgw, "dots")
         cands = [f"The {color} card has {v} dots." for v in values]
         return img, f"How many dots are on the {color} card?", cands, values.index(t["value"]), cards
     else:
