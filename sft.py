@@ -181,8 +181,10 @@ def main(argv=None):
     rank, world, device = dist_setup()
     try:
         train(args, rank, world, device)
-    finally:
-        dist_teardown()
+    except BaseException:
+        dist_teardown(barrier=False)  # (the other ranks may never reach a barrier)
+        raise
+    dist_teardown()
 
 
 def train(args, rank, world, device):

@@ -79,8 +79,13 @@ def dist_setup():
     return rank, world, device
 
 
-def dist_teardown():
+def dist_teardown(barrier=True):
+    """barrier: every rank got here without an error, so they first meet, and no rank closes its
+    connections while another is still busy (rank 0 writing a checkpoint). After an error there is
+    no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
