@@ -615,17 +615,12 @@ def cmd_plan(args):
         text, result = memplan.plan(args.kind, cfg, args.world_size, spec, flags)
         print(text)
     else:
-        rank, world, device = training.dist_setup()
-        try:
+        with training.distributed() as (rank, world, device):
             text, result = memplan.plan(args.kind, cfg, world, spec, flags, device=device.type, real=True)
             training.print0(text)
             if device.type == "cuda":  # (not yet run: no GPU was lent to the session that wrote this)
                 training.print0(f"torch.cuda.max_memory_allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB,"
                                 f" max_memory_reserved: {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB")
-        except BaseException:
-            training.dist_teardown(barrier=False)
-            raise
-        training.dist_teardown()
     if args.json and int(os.environ.get("RANK", 0)) == 0:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

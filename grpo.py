@@ -38,7 +38,7 @@ import rollout
 from data import Context, RecordError
 from pixels import FACTOR
 from model import config_to_hf
-from training import (PAD, build_model, dist_setup, dist_teardown, make_optimizer, open_log, padded, print0,
+from training import (PAD, build_model, distributed, make_optimizer, open_log, padded, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
 
 
@@ -367,13 +367,8 @@ def main(argv=None):
     if args.plot:
         plot(args.plot)
         return
-    rank, world, device = dist_setup()
-    try:
+    with distributed() as (rank, world, device):
         train(args, rank, world, device)
-    except BaseException:
-        dist_teardown(barrier=False)  # (the other ranks may never reach a barrier)
-        raise
-    dist_teardown()
 
 
 def train(args, rank, world, device):

@@ -38,7 +38,7 @@ import release
 import data
 from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, TrajectoryDataset
 from model import config_to_hf
-from training import (PAD, build_model, dist_setup, dist_teardown, lr_at, make_optimizer, open_log, padded, print0,
+from training import (PAD, build_model, distributed, lr_at, make_optimizer, open_log, padded, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizers ran
@@ -178,13 +178,8 @@ def n_supervised(s):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = dist_setup()
-    try:
+    with distributed() as (rank, world, device):
         train(args, rank, world, device)
-    except BaseException:
-        dist_teardown(barrier=False)  # (the other ranks may never reach a barrier)
-        raise
-    dist_teardown()
 
 
 def train(args, rank, world, device):

@@ -25,6 +25,7 @@ replaced atomically; a run killed mid-save leaves the previous checkpoint intact
         optim/                      AdamW state, one safetensors file per rank (no pickle: see save_optimizer)
 """
 
+import contextlib
 import json
 import math
 import os
@@ -87,6 +88,19 @@ def dist_teardown(barrier=True):
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed():
+    """`with distributed() as (rank, world, device):` the scripts' one setup/teardown pair: the
+    teardown meets at a barrier when the body finished, and skips it after an error."""
+    rank, world, device = dist_setup()
+    try:
+        yield rank, world, device
+    except BaseException:
+        dist_teardown(barrier=False)  # the other ranks may never reach a barrier
+        raise
+    dist_teardown()
 
 
 

@@ -839,8 +839,8 @@ PRESETS = {
         # (at the same lr its features collapse into one shared mean). Single images first: with
         # half the grounding records over 2-3 images, `look` left single-image grounding at 40%
         # after 1,000 steps of 16; on single images alone, 94%. Then many images: without them the
-        # trajectories' boxes in a question's second and third image hit their card at chance
-        # (23-57%), with them 72-98% (H0-H2). Multiple choice: without it the trajectories never
+        # trajectories' boxes in a question's second and third image hit their card in 41-62% of
+        # the calls (a blind guess: 25%), with them 43-100% (H0-H2). Multiple choice: without it the trajectories never
         # learnt to find their count among the options (the option probe at chance, 25%); with it,
         # 71-72% (README, "Learning to look", D1-D7).
         # rehearse: the first 1,024 `read` records shuffled into the trajectory SFT's data (without

@@ -299,6 +299,23 @@ def grpo_log(out):
         return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in f if ln.strip()]
 
 
+def test_distributed_tears_down_after_the_body_and_after_an_error():
+    """training.distributed: a world of one (no torchrun) set up, torn down after the body, and after
+    an error torn down too with the error passed on, so a failed run leaves no process group behind."""
+    import torch.distributed as dist
+
+    from training import distributed
+    threads = torch.get_num_threads()
+    with distributed() as (rank, world, device):
+        assert dist.is_initialized() and (rank, world, device.type) == (0, 1, "cpu")
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="boom"):
+        with distributed():
+            raise ValueError("boom")
+    assert not dist.is_initialized()
+    torch.set_num_threads(threads)
+
+
 def test_resume_continues_the_same_curve(tmp_path, tokenizer, capsys):
     from safetensors.torch import load_file
 
