@@ -25,7 +25,8 @@ import plots
 from data import ENCODER_KEYS, Context, read_jsonl, render_sample
 from eval import final_answer, score_answer
 from reward import format_ok
-from zoom_world import _KIND, COLORS, TEXT, ZoomWorldConfig, _cell_place, mark_values
+from zoom_scenes import COLORS, mark_values
+from zoom_world import _KIND, TEXT, ZoomWorldConfig, _cell_place
 
 # -----------------------------------------------------------------------------
 # the results table

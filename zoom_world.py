@@ -11,8 +11,9 @@ see: where the asked card is, and its dots on a zoom). The driver runs the pipel
 it (`python sft.py --model ... --data ...`, then grpo.py, eval.py), printing each command first. The
 scripts know nothing of this file: they see an HF model folder and a JSONL file, as at 7B. This file
 owns the task's data, its tiny tokenizer and base models and the sizes of every stage (PRESETS);
-zoom_metrics.py holds its instruments (the results table, the probes). Folders under out/
-(out/smoke/ with --smoke), each stage starting from the previous one's `latest`:
+zoom_scenes.py draws its images, zoom_metrics.py holds its instruments (the results table, the
+probes). Folders under out/ (out/smoke/ with --smoke), each stage starting from the previous one's
+`latest`:
 
     zoom/  tiny-base[-vanilla]/  look[-vanilla]/  read[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/
     demo/ (<row>.jsonl, results.json, .md, probes.json)
@@ -24,9 +25,7 @@ cut short continues with --resume, an output older than its input is redone.
 """
 
 import argparse
-import functools
 import json
-import math
 import os
 import random
 import shlex
@@ -47,8 +46,9 @@ from data import (ANSWER_FORMAT, CONTINUE_NOTE, DIRECT_INSTRUCTIONS, FINAL_NOTE,
                   TOOL_FORMAT, Budget, format_question, observation_parts, prompt_parts)
 from tiny_tokenizer import train_tokenizer
 from eval import load_bench, read_results, results_files
-from pixels import FACTOR, MIN_PIXELS, crop_size, map_bbox, smart_resize
 from model import ViLaVT, atomic_write, read_json, tiny_config
+import zoom_scenes as zs  # the pictures
+from zoom_scenes import COLORS, mark_values
 from training import latest_checkpoint  # the scripts' checkpoint layout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,14 +193,6 @@ def user_turn(n_images, question, question_first=False):
     return "<image>" * n_images + question
 
 
-COLORS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 100, 220), "yellow": (240, 200, 20),
-             "purple": (148, 70, 189), "orange": (250, 130, 20), "cyan": (20, 190, 205)}
-FONT = {  # 3x5 digits
-    0: ("###", "#.#", "#.#", "#.#", "###"), 1: (".#.", "##.", ".#.", ".#.", "###"),
-    2: ("###", "..#", "###", "#..", "###"), 3: ("###", "..#", "###", "..#", "###"),
-    4: ("#.#", "#.#", "###", "..#", "..#"), 5: ("###", "#..", "###", "..#", "###"),
-    6: ("###", "#..", "###", "#.#", "###"), 7: ("###", "..#", ".#.", ".#.", ".#."),
-    8: ("###", "#.#", "###", "#.#", "###"), 9: ("###", "#.#", "###", "..#", "###")}
 PLACES = ("in the top left", "at the top", "in the top right", "on the left", "in the center", "on the right",
              "in the bottom left", "at the bottom", "in the bottom right")
 TEXT = {  # every sentence of the zoom world; {mark}: "dots are" / "digit is", {marks}: "dots" / "digits"
@@ -266,40 +258,9 @@ def world_texts():
     return out
 
 
-def _geometry(cfg):
-    """(display W, H, r) for the config's originals; r = original px per display px."""
-    OW, OH = cfg.canvas_size
-    Hd, Wd = smart_resize(OH, OW, FACTOR, MIN_PIXELS, cfg.display_max_pixels)
-    r = OW // Wd
-    if OW != r * Wd or OH != r * Hd or r < 2 or r % 2:
-        raise ValueError(f"zoom world: canvas {OW}x{OH} displays at {Wd}x{Hd} under max_pixels="
-                         f"{cfg.display_max_pixels}; need an exact even scale-down (e.g. 336x336 -> 168x168)")
-    cols, rows = cfg.grid
-    if not {cols, rows} <= {2, 3} or (cfg.share_crop_of_crop > 0 and (cols, rows) != (3, 3)):
-        raise ValueError(f"zoom world: grid {cfg.grid}: 2 or 3 cells a side, 3x3 for crop-of-crop samples")
-    if Wd % cols or Hd % rows:
-        raise ValueError(f"zoom world: the {Wd}x{Hd} display does not split into a {cols}x{rows} grid of whole pixels")
-    for big in (False, True):
-        w, h = _card_dims(cfg, r, big)
-        if w + 2 * cfg.cell_margin > OW // cols or h + 2 * cfg.cell_margin > OH // rows:
-            raise ValueError(f"zoom world: a {w}x{h} card plus cell_margin does not fit a cell of "
-                             f"{OW // cols}x{OH // rows}")
-    for name in ("dot_size", "digit_cell"):
-        if getattr(cfg, name) % r:
-            raise ValueError(f"zoom world: {name}={getattr(cfg, name)} must be a multiple of r={r}")
-    if sum(cfg.ink_levels) % 2:
-        raise ValueError(f"zoom world: ink_levels {cfg.ink_levels} need an integer mean")
-    if cfg.dot_count[1] > cfg.dot_grid[0] * cfg.dot_grid[1]:
-        raise ValueError(f"zoom world: dot_count {cfg.dot_count} exceeds the {cfg.dot_grid} dot positions")
-    if cfg.n_cards[1] > min(len(COLORS), cols * rows):
-        raise ValueError(f"zoom world: at most {min(len(COLORS), cols * rows)} cards per image "
-                         f"(one per colour and per cell)")
-    return Wd, Hd, r
-
-
 def _place(cfg, box):
     """The place phrase of the grid cell holding a card box."""
-    return _cell_place(cfg, *_cell(cfg, box))
+    return _cell_place(cfg, *zs.cell(cfg, box))
 
 
 def _cell_place(cfg, c, r):
@@ -307,172 +268,6 @@ def _cell_place(cfg, c, r):
     grid the four corners."""
     cols, rows = cfg.grid
     return PLACES[r * 2 // (rows - 1) * 3 + c * 2 // (cols - 1)]
-
-
-def _card_dims(cfg, r, big):
-    w, h = cfg.card_size
-    if big:
-        w, h = w * cfg.big_card_scale, h * cfg.big_card_scale
-    return int(math.ceil(w / r) * r), int(math.ceil(h / r) * r)
-
-
-def _cell(cfg, box):
-    """(column, row) of the grid cell holding a card box (original px)."""
-    cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
-    return int((box[0] + box[2]) / 2 // cw), int((box[1] + box[3]) / 2 // ch)
-
-
-def _normalised(cfg, box):
-    """A box in original px -> normalised to the original (the records' target_boxes and scene)."""
-    OW, OH = cfg.canvas_size
-    return [box[0] / OW, box[1] / OH, box[2] / OW, box[3] / OH]
-
-
-def _cell_crop(cfg, img, box):
-    """The gold zoom of a card at `box` (original px): its grid cell cut from the original image."""
-    c, k = _cell(cfg, box)
-    cw, ch = cfg.canvas_size[0] // cfg.grid[0], cfg.canvas_size[1] // cfg.grid[1]
-    return img.crop((c * cw, k * ch, (c + 1) * cw, (k + 1) * ch))
-
-
-def _cells_bbox(cfg, geom, c1, c2=None):
-    """The display bbox [x1, y1, x2, y2] of the grid cells from (col, row) c1 to c2 (inclusive)."""
-    Wd, Hd, _ = geom
-    cw, ch = Wd // cfg.grid[0], Hd // cfg.grid[1]
-    c2 = c1 if c2 is None else c2
-    return [c1[0] * cw, c1[1] * ch, (c2[0] + 1) * cw, (c2[1] + 1) * ch]
-
-
-def _layout(rng, cfg, r, dims):
-    """Card boxes (x1, y1, x2, y2) for the given dims: distinct random cells, a random spot
-    (multiples of r) inside each, at least cell_margin from the cell's edges."""
-    cols, rows = cfg.grid
-    cw, ch = cfg.canvas_size[0] // cols, cfg.canvas_size[1] // rows
-    boxes = []
-    for k, (w, h) in zip(rng.permutation(cols * rows)[:len(dims)], dims):
-        x = (k % cols) * cw + int(rng.integers(cfg.cell_margin // r, (cw - w - cfg.cell_margin) // r + 1)) * r
-        y = (k // cols) * ch + int(rng.integers(cfg.cell_margin // r, (ch - h - cfg.cell_margin) // r + 1)) * r
-        boxes.append((x, y, x + w, y + h))
-    return boxes
-
-
-def _mark_mask(cfg, r, kind, value, slots, label):
-    """Boolean mask (H, W) over the label box (lx1, ly1, lx2, ly2) of the mark's texture cells."""
-    lx1, ly1, lx2, ly2 = label
-    mask = np.zeros((ly2 - ly1, lx2 - lx1), bool)
-    if kind == "dots":
-        cols, rows = cfg.dot_grid
-        s, g = cfg.dot_size, cfg.dot_gap
-        x0 = ((lx2 - lx1) - (cols * s + (cols - 1) * g)) // 2 // r * r
-        y0 = ((ly2 - ly1) - (rows * s + (rows - 1) * g)) // 2 // r * r
-        for k in slots:
-            x, y = x0 + (k % cols) * (s + g), y0 + (k // cols) * (s + g)
-            mask[y:y + s, x:x + s] = True
-    else:
-        c = cfg.digit_cell
-        x0 = ((lx2 - lx1) - 3 * c) // 2 // r * r
-        y0 = ((ly2 - ly1) - 5 * c) // 2 // r * r
-        for i, row in enumerate(FONT[value]):
-            for j, ch in enumerate(row):
-                if ch == "#":
-                    mask[y0 + i * c:y0 + (i + 1) * c, x0 + j * c:x0 + (j + 1) * c] = True
-    return mask
-
-
-@functools.lru_cache(maxsize=4)
-def _checker(W, H, cell, lo, hi):
-    """(H, W) uint8 checkerboard of `cell`-px squares, levels lo/hi, lo at (0, 0); cached, read-only."""
-    yy, xx = np.indices((H, W))
-    a = np.where((yy // cell + xx // cell) % 2 == 0, lo, hi).astype(np.uint8)
-    a.flags.writeable = False
-    return a
-
-
-def _render(rng, cfg, r, cards):
-    """The image (PIL RGB) of one scene: background, clutter, then the cards with their marks."""
-    from PIL import ImageDraw
-    OW, OH = cfg.canvas_size
-    base = int(rng.integers(170, 216))
-    tint = rng.integers(-10, 11, 3)
-    img = Image.new("RGB", (OW, OH), tuple(int(v) for v in np.clip(base + tint, 0, 255)))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(cfg.n_clutter[0], cfg.n_clutter[1] + 1))):
-        grey = base + int(rng.integers(-45, 46))
-        col = tuple(min(255, max(0, grey + int(v))) for v in rng.integers(-12, 13, 3))  # muted: never a card colour
-        w, h = (int(v) for v in rng.integers(cfg.clutter_size[0], cfg.clutter_size[1] + 1, 2))
-        x, y = int(rng.integers(-w // 2, OW)), int(rng.integers(-h // 2, OH))
-        shape = int(rng.integers(3))
-        if shape == 0:
-            draw.rectangle([x, y, x + w, y + h], fill=col)
-        elif shape == 1:
-            draw.ellipse([x, y, x + w, y + h], fill=col)
-        else:
-            draw.line([x, y, x + w, y + h * int(rng.choice([-1, 1]))], fill=col, width=int(rng.integers(1, 4)))
-    a = np.array(img)
-    lo, hi = cfg.ink_levels
-    checker = _checker(OW, OH, r // 2, lo, hi)
-    b = cfg.card_border
-    for card in cards:
-        x1, y1, x2, y2 = card["box"]
-        a[y1:y2, x1:x2] = COLORS[card["color"]]
-        label = (x1 + b, y1 + b, x2 - b, y2 - b)
-        a[label[1]:label[3], label[0]:label[2]] = (lo + hi) // 2
-        m = _mark_mask(cfg, r, card["kind"], card["value"], card.get("slots", ()), label)
-        sub = a[label[1]:label[3], label[0]:label[2]]
-        sub[m] = lo if cfg.solid_marks else checker[label[1]:label[3], label[0]:label[2]][m][:, None]
-    if cfg.ramp:
-        a = a.astype(np.int16)
-        a[..., 0] += np.linspace(-cfg.ramp, cfg.ramp, OW).round().astype(np.int16)[None, :]
-        a[..., 2] += np.linspace(-cfg.ramp, cfg.ramp, OH).round().astype(np.int16)[:, None]
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return Image.fromarray(a)
-
-
-def _scene(rng, cfg, r, kind, colors_needed, values, big=None):
-    """Cards of one image: the colours in colors_needed carry the given values (mark values),
-    plus distractors with random colours and values. big: colour of the one large card
-    (None: a random card is large with probability big_card_share). Returns the card list."""
-    n = max(len(colors_needed), int(rng.integers(cfg.n_cards[0], cfg.n_cards[1] + 1)))
-    others = [c for c in COLORS if c not in colors_needed]
-    colors = list(colors_needed) + [others[i] for i in rng.permutation(len(others))[:n - len(colors_needed)]]
-    if big is None and rng.random() < cfg.big_card_share:
-        big = colors[int(rng.integers(len(colors)))]
-    cards = []
-    for c in colors:
-        v = values.get(c)
-        if v is None:
-            lo, hi = cfg.dot_count if kind == "dots" else (1, 9)
-            v = int(rng.integers(lo, hi + 1))
-        card = {"color": c, "kind": kind, "value": v, "big": c == big}
-        if kind == "dots":
-            card["slots"] = sorted(int(s) for s in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:v])
-        cards.append(card)
-    boxes = _layout(rng, cfg, r, [_card_dims(cfg, r, c["big"]) for c in cards])
-    for card, box in zip(cards, boxes):  # cells are random already
-        card["box"] = box
-    return cards
-
-
-def _crop_display(orig_size, parent_region, parent_display, bbox, budget):
-    """(region, display size) of the crop a tool call would make: crop_size then smart_resize,
-    exactly as Context.zoom computes it."""
-    region = map_bbox(parent_region, parent_display, bbox)
-    w, h = crop_size(orig_size, parent_region, parent_display, region)
-    H, W = smart_resize(h, w, FACTOR, budget.min_pixels, budget.for_crops())
-    return region, (W, H)
-
-
-def _in_display(box, region, display):
-    """A box normalised in the original -> float box in the display px of `region`."""
-    rx1, ry1, rx2, ry2 = region
-    W, H = display
-    return ((box[0] - rx1) / (rx2 - rx1) * W, (box[1] - ry1) / (ry2 - ry1) * H,
-            (box[2] - rx1) / (rx2 - rx1) * W, (box[3] - ry1) / (ry2 - ry1) * H)
-
-
-def mark_values(cfg, kind):
-    """The values a card's mark can take: its dot count, or a digit."""
-    return list(range(cfg.dot_count[0], cfg.dot_count[1] + 1)) if kind == "dots" else list(range(1, 10))
 
 
 def _options(rng, answer, pool):
@@ -497,17 +292,17 @@ def _sample(rng, cfg, geom, budget, spec, name):
     if category == "multi":
         n_img = int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
         values = [pool[i] for i in rng.permutation(len(pool))[:n_img]]  # distinct: "which image" is unique
-        scenes = [_scene(rng, cfg, r, kind, [color], {color: v}) for v in values]
+        scenes = [zs.scene(rng, cfg, r, kind, [color], {color: v}) for v in values]
     elif category == "single":
         value = pool[int(rng.integers(len(pool)))]
-        scenes = [_scene(rng, cfg, r, kind, [color], {color: value})]
+        scenes = [zs.scene(rng, cfg, r, kind, [color], {color: value})]
     else:
         task = "largest" if mc else "cards"
         big = color if task == "largest" else None
-        scenes = [_scene(rng, cfg, r, kind, [color], {}, big=big)]
-    images = [_render(rng, cfg, r, cards) for cards in scenes]
+        scenes = [zs.scene(rng, cfg, r, kind, [color], {}, big=big)]
+    images = [zs.render(rng, cfg, r, cards) for cards in scenes]
     targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
-    target_boxes = [_normalised(cfg, t["box"]) for t in targets]
+    target_boxes = [zs.normalised(cfg, t["box"]) for t in targets]
 
     if category == "text-only":
         cards = scenes[0]
@@ -528,13 +323,13 @@ def _sample(rng, cfg, geom, budget, spec, name):
         steps.append({"think": think, "answer": answer})
     elif category == "single":
         t = targets[0]
-        cell = _cell(cfg, t["box"])
+        cell = zs.cell(cfg, t["box"])
         if zoom2:  # a block of 2x2 cells holding the card's cell first, then that cell inside the crop
             c1 = tuple(min(max(0, c - int(rng.integers(2))), n - 2) for c, n in zip(cell, cfg.grid))
-            b1 = _cells_bbox(cfg, geom, c1, (c1[0] + 1, c1[1] + 1))
-            region1, display1 = _crop_display((OW, OH), (0, 0, 1, 1), (Wd, Hd), b1, budget)
-            cell_box = _cells_bbox(cfg, geom, cell)
-            b2 = [round(v) for v in _in_display([cell_box[0] / Wd, cell_box[1] / Hd, cell_box[2] / Wd, cell_box[3] / Hd],
+            b1 = zs.cells_bbox(cfg, geom, c1, (c1[0] + 1, c1[1] + 1))
+            region1, display1 = zs.crop_display((OW, OH), (0, 0, 1, 1), (Wd, Hd), b1, budget)
+            cell_box = zs.cells_bbox(cfg, geom, cell)
+            b2 = [round(v) for v in zs.in_display([cell_box[0] / Wd, cell_box[1] / Hd, cell_box[2] / Wd, cell_box[3] / Hd],
                                            region1, display1)]
             steps.append({"think": TEXT["t_find"].format(place=_place(cfg, t["box"]), index=0, **words),
                           "tool": {"region": [{"index": 0, "bbox_2d": b1}],
@@ -543,7 +338,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
                           "tool": {"region": [{"index": 1, "bbox_2d": b2}],
                                    "query": TEXT[f"query_{kind}"].format(**words)}})
         else:
-            b = _cells_bbox(cfg, geom, cell)
+            b = zs.cells_bbox(cfg, geom, cell)
             steps.append({"think": TEXT["t_zoom"].format(place=_place(cfg, t["box"]), index=0, **words),
                           "tool": {"region": [{"index": 0, "bbox_2d": b}],
                                    "query": TEXT[f"query_{kind}"].format(**words)}})
@@ -558,7 +353,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
         task = ("count-dots" if kind == "dots" else "read-digit") + ("-zoom2" if zoom2 else "")
     else:
         n_img = len(scenes)
-        regions = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))}
+        regions = [{"index": i, "bbox_2d": zs.cells_bbox(cfg, geom, zs.cell(cfg, t["box"]))}
                    for i, t in enumerate(targets)]
         places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i)
                            for i, t in enumerate(targets))
@@ -595,7 +390,7 @@ def _sample(rng, cfg, geom, budget, spec, name):
            "problem_type": "multiple choice" if options else "numerical", "answer": answer,
            "max_pixels": cfg.display_max_pixels, "max_tool_calls": cfg.max_tool_calls,
            "category": category, "task": task, "mark": kind, "target_boxes": target_boxes, "steps": steps,
-           "scene": [[{"color": c["color"], "box": _normalised(cfg, c["box"]), "value": c["value"]} for c in cards]
+           "scene": [[{"color": c["color"], "box": zs.normalised(cfg, c["box"]), "value": c["value"]} for c in cards]
                      for cards in scenes]}  # the mined knowledge: every card of every image
     if direct:
         rec.update(mode="direct", max_tool_calls=0)
@@ -640,7 +435,7 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
     Deterministic for a seed (None: cfg.seed); sample i of a split does not depend on how many
     samples are made. Returns {"train", "eval", "meta", "image_root", "budget"}."""
     seed = cfg.seed if seed is None else seed
-    geom = _geometry(cfg)
+    geom = zs.geometry(cfg)
     budget = display_budget(cfg)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     paths, counts = {}, {}
@@ -668,21 +463,28 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 # the perception stage: a base that can see (issue 12; the paper starts from a pretrained VLM)
 
 
-def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0):
-    """One single-step record and its images: where the asked card is in one scene, or with
-    probability share_multi in each of 2-3 (the think names the places as a trajectory's first
-    think does; the answer is the cells' bboxes, as its tool call writes them), or read=True: the
-    dots on the card of one gold zoom (the cell cut from the original at twice the display scale,
-    shown as an image of its own), with probability share_mc as a multiple-choice question whose
-    think ends as a trajectory's does ("... has 4 dots. That is option C.")."""
+def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0, share_zoom=0.0):
+    """One record and its images: where the asked card is in one scene, or with probability
+    share_multi in each of 2-3 (the think names the places as a trajectory's first think does; the
+    answer is the cells' bboxes, as its tool call writes them), or read=True: the dots on the card
+    of one gold zoom (the cell cut from the original at twice the display scale, shown as an image
+    of its own), with probability share_mc as a multiple-choice question whose think ends as a
+    trajectory's does ("... has 4 dots. That is option C."). These are one step each. With
+    probability share_zoom a reading record is instead a whole single-image chat (_sample: the
+    original, the gold tool call, its crop as the tool's answer, the dots read there): a count
+    learnt on a crop alone is not found again beside the original (README, "Learning to look", M1)."""
+    if read and share_zoom > 0 and rng.random() < share_zoom:
+        rec, images = _sample(rng, cfg, geom, display_budget(cfg), ("single", bool(rng.random() < share_mc), False, False),
+                              name)
+        return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
     Wd, Hd, r = geom
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
     options = None
     if read:
         value = int(rng.integers(cfg.dot_count[0], cfg.dot_count[1] + 1))
-        cards = _scene(rng, cfg, r, "dots", [color], {color: value})
+        cards = zs.scene(rng, cfg, r, "dots", [color], {color: value})
         t = next(c for c in cards if c["color"] == color)
-        images = [_cell_crop(cfg, _render(rng, cfg, r, cards), t["box"])]
+        images = [zs.cell_crop(cfg, zs.render(rng, cfg, r, cards), t["box"])]
         question = TEXT["q_dots"].format(color=color)
         think, answer = TEXT["t_read_image"].format(index=0, color=color, value=value), str(value)
         if rng.random() < share_mc:
@@ -690,15 +492,15 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
             think += TEXT["t_option"].format(letter=answer)
     else:
         n = 1 if rng.random() < 1 - share_multi else int(rng.integers(cfg.multi_images[0], cfg.multi_images[1] + 1))
-        scenes = [_scene(rng, cfg, r, "dots", [color], {}) for _ in range(n)]
-        images = [_render(rng, cfg, r, cards) for cards in scenes]
+        scenes = [zs.scene(rng, cfg, r, "dots", [color], {}) for _ in range(n)]
+        images = [zs.render(rng, cfg, r, cards) for cards in scenes]
         targets = [next(c for c in cards if c["color"] == color) for cards in scenes]
         question = TEXT["q_where_multi" if n > 1 else "q_where"].format(color=color)
         places = ", ".join(TEXT["t_place"].format(place=_place(cfg, t["box"]), index=i) for i, t in enumerate(targets))
-        boxes = [{"index": i, "bbox_2d": _cells_bbox(cfg, geom, _cell(cfg, t["box"]))} for i, t in enumerate(targets)]
+        boxes = [{"index": i, "bbox_2d": zs.cells_bbox(cfg, geom, zs.cell(cfg, t["box"]))} for i, t in enumerate(targets)]
         think = TEXT["t_where_multi" if n > 1 else "t_where"].format(color=color, n=n, places=places)
         answer = json.dumps(boxes)
-        target_boxes = [_normalised(cfg, t["box"]) for t in targets]
+        target_boxes = [zs.normalised(cfg, t["box"]) for t in targets]
     paths = [f"perception/{name}_{j}.png" for j in range(len(images))]
     rec = {"id": name, "images": paths, "question": question, "options": options, "task": "read" if read else "ground",
            "max_pixels": cfg.display_max_pixels, "system": SYSTEM, "steps": [{"think": think, "answer": answer}],
@@ -709,13 +511,14 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
 
 
 def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, share_multi=0.5, share_mc=0.0,
-                    name="perception"):
-    """Write out_dir/{name}.jsonl (n single-step records, sft.py's schema: share_read of them
-    reading, share_mc of those multiple choice; the rest grounding, share_multi of those in 2-3
-    images; _perception_sample) and their images under out_dir/perception/.
+                    share_zoom=0.0, name="perception"):
+    """Write out_dir/{name}.jsonl (n records, sft.py's schema: share_read of them reading,
+    share_mc of those multiple choice and share_zoom of them whole single-image chats; the rest
+    grounding, share_multi of those in 2-3 images; _perception_sample) and their images under
+    out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
     seed = cfg.seed if seed is None else seed
-    geom = _geometry(cfg)
+    geom = zs.geometry(cfg)
     os.makedirs(os.path.join(out_dir, "perception"), exist_ok=True)
     stream = [seed, 7, zlib.crc32(name.encode())]
     read = np.random.default_rng(stream).permutation(n) < round(share_read * n)
@@ -723,7 +526,7 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
     with open(path, "w") as f:
         for i in range(n):
             rec, images = _perception_sample(np.random.default_rng(stream + [i]), cfg, geom, f"{name}_{i:05d}", read[i],
-                                              share_multi, share_mc)
+                                              share_multi, share_mc, share_zoom)
             for p, img in zip(rec["images"], images):
                 img.save(os.path.join(out_dir, p), compress_level=1)
             f.write(json.dumps(rec) + "\n")
@@ -779,9 +582,9 @@ def _figure4_sample(rng, cfg, name, kind, side):
         slots = sorted(int(k) for k in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:count])
         card = dict(color=names[int(rng.integers(len(names)))], kind="dots", value=count, slots=slots, big=False,
                     box=(x, y, x + w, y + h))
-        img = _render(rng, cfg, r, [card])
+        img = zs.render(rng, cfg, r, [card])
         images.append(img if side == W else img.resize((side, side * H // W), Image.BICUBIC))
-        scene.append(dict(color=card["color"], dots=count, box=_normalised(cfg, card["box"])))
+        scene.append(dict(color=card["color"], dots=count, box=zs.normalised(cfg, card["box"])))
     answer = "yes" if yes else "no"
     question = FIGURE4_TEXT[kind]
     rec = {"id": name, "images": [f"images/{name}_{j}.png" for j in range(2)], "question": question,
@@ -842,12 +645,15 @@ PRESETS = {
         # trajectories' boxes in a question's second and third image hit their card in 41-62% of
         # the calls (a blind guess: 25%), with them 43-100% (H0-H2). Multiple choice: without it the trajectories never
         # learnt to find their count among the options (the option probe at chance, 25%); with it,
-        # 71-72% (README, "Learning to look", D1-D7).
+        # 71-72% (README, "Learning to look", D1-D7). A third of the reading records (share_zoom)
+        # as whole single-image chats: a count learnt on crops alone was not found again in a chat,
+        # beside the original (the reading probe 13% after `read`, 48% after SFT); with them, 69% and
+        # the validation score 55.0 -> 62.7 (M1).
         # rehearse: the first 1,024 `read` records shuffled into the trajectory SFT's data (without
         # them it forgot the reading: 38% on the records themselves after `read`, 20% after SFT)
         perception=dict(look=dict(n=8000, share_read=0.0, share_multi=0.0),
-                        read=dict(n=9000, share_read=0.55, share_multi=0.75, share_mc=0.5), heldout=200,
-                        rehearse=1024),
+                        read=dict(n=9000, share_read=0.55, share_multi=0.75, share_mc=0.5, share_zoom=0.333),
+                        heldout=200, rehearse=1024),
         look="--lr 1e-3 --freeze-vision --global-batch 16 --epochs 2 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 2 --no-activation-checkpointing",
         # batch 2 on purpose: a sample costs about the same at batch 2 as at batch 8 (sft.py's
@@ -872,7 +678,8 @@ PRESETS = {
     "smoke": dict(  # `--smoke`: the same sequence in miniature (CI): every stage runs and hands on its checkpoint
         world=dict(n_train=16, n_eval=8, seed=0),
         perception=dict(look=dict(n=8, share_read=0.0, share_multi=0.0),
-                        read=dict(n=8, share_read=0.5, share_multi=0.75, share_mc=0.5), heldout=4, rehearse=4),
+                        read=dict(n=8, share_read=0.5, share_multi=0.75, share_mc=0.5, share_zoom=0.5),
+                        heldout=4, rehearse=4),
         look="--lr 1e-3 --freeze-vision --global-batch 4 --epochs 1 --no-activation-checkpointing",
         read="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
         sft="--lr 3e-4 --vision-lr 3e-5 --global-batch 2 --epochs 1 --no-activation-checkpointing",

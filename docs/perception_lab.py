@@ -42,6 +42,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import zoom_scenes as zs  # noqa: E402
 import zoom_world as zw  # noqa: E402
 from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, render_sample  # noqa: E402
 from model import ViLaVT, tiny_config  # noqa: E402
@@ -92,10 +93,10 @@ ct = ChatTokenizer(tok, tok)
 LAB_WORLD = dict(card_size=(64, 40), card_border=6, dot_size=8, dot_grid=(4, 2), n_cards=(2, 4), ramp=0)
 cfgw = zw.ZoomWorldConfig(**dict(LAB_WORLD, **{k: tuple(v) if isinstance(v, list) else v
                                               for k, v in json.loads(args.world).items()}))
-Wd, Hd, r = zw._geometry(cfgw)
+Wd, Hd, r = zs.geometry(cfgw)
 assert cfgw.grid == (2, 2), "the lab's tasks name the 4 cells of a 2x2 grid"
 CELLS = ["in the top left", "in the top right", "in the bottom left", "in the bottom right"]
-COLORS = list(zw.COLORS)
+COLORS = list(zs.COLORS)
 
 
 def caption_text(cell):
@@ -117,22 +118,22 @@ def make_task(task, rng):
     color = COLORS[int(rng.integers(len(COLORS)))]
     if task in ("present", "present_text"):
         has = bool(rng.integers(2))
-        cards = zw._scene(rng, cfgw, r, "dots", [color] if has else [], {})
+        cards = zs.scene(rng, cfgw, r, "dots", [color] if has else [], {})
         while not has and any(c["color"] == color for c in cards):
-            cards = zw._scene(rng, cfgw, r, "dots", [], {})
+            cards = zs.scene(rng, cfgw, r, "dots", [], {})
         q = f"Is there a {color} card in the image?"
         if task == "present_text":
             q = "Cards: " + ", ".join(c["color"] for c in cards) + ". " + q
         cands, gold = [f"The image has a {color} card: yes.", f"The image has a {color} card: no."], int(not has)
     elif task == "caption":
-        cards = zw._scene(rng, cfgw, r, "dots", [color], {})
+        cards = zs.scene(rng, cfgw, r, "dots", [color], {})
         names = [c for c in COLORS if any(k["color"] == c for k in cards)]
         absent = [c for c in COLORS if c not in names]
         alts = [[c for c in COLORS if c in names[:j % len(names)] + [absent[j]] + names[j % len(names) + 1:]]
                 for j in range(3)]  # one colour swapped for an absent one
         q, cands, gold = "Which colors are the cards?", ["The cards are " + ", ".join(n) + "." for n in [names] + alts], 0
     elif task == "dense":
-        cards = zw._scene(rng, cfgw, r, "dots", [color], {})
+        cards = zs.scene(rng, cfgw, r, "dots", [color], {})
         cell, cap = dense_caption(cards)
         cands = [cap]
         for j in range(3):  # one cell wrong
@@ -142,7 +143,7 @@ def make_task(task, rng):
             cands.append(caption_text(alt))
         q, gold = "Which color is in each cell?", 0
     elif task in ("ground", "cotground", "ground1"):
-        cards = zw._scene(rng, cfgw, r, "dots", [color], {})
+        cards = zs.scene(rng, cfgw, r, "dots", [color], {})
         if task == "ground1":  # the asked card alone: where-is needs no colour match, only a position read-out
             cards = [c for c in cards if c["color"] == color]
         cell, cap = dense_caption(cards)
@@ -150,15 +151,15 @@ def make_task(task, rng):
         q, cands = f"Where is the {color} card?", [f"{pre}The {color} card is {p} of image 0." for p in CELLS]
         gold = CELLS.index(next(p for p, c in cell.items() if c == color))
     elif task == "read":
-        cards = zw._scene(rng, cfgw, r, "dots", [color], {})
+        cards = zs.scene(rng, cfgw, r, "dots", [color], {})
         t = next(c for c in cards if c["color"] == color)
-        img = zw._cell_crop(cfgw, zw._render(rng, cfgw, r, cards), t["box"])  # the gold zoom
-        values = zw.mark_values(cfgw, "dots")
+        img = zs.cell_crop(cfgw, zs.render(rng, cfgw, r, cards), t["box"])  # the gold zoom
+        values = zs.mark_values(cfgw, "dots")
         cands = [f"The {color} card has {v} dots." for v in values]
         return img, f"How many dots are on the {color} card?", cands, values.index(t["value"]), cards
     else:
         raise SystemExit(f"unknown --task {task}")
-    return zw._render(rng, cfgw, r, cards), q, cands, gold, cards
+    return zs.render(rng, cfgw, r, cards), q, cands, gold, cards
 
 
 def make(i, split):

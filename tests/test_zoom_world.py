@@ -21,6 +21,7 @@ import eval as E
 import grpo
 import rollout
 import zoom_metrics as zm
+import zoom_scenes as zs
 import zoom_world as zw
 from conftest import ZW_CFG
 from data import Budget, ChatTokenizer, render_sample
@@ -137,6 +138,19 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
             assert step["think"].endswith(f"That is option {step['answer']}.")
         else:
             assert step["answer"] == value
+    # share_zoom: a reading record is a whole single-image chat instead (the gold tool call on the
+    # original, the dots read on its crop), under perception/, loadable by sft.py like any record
+    p = zw.make_perception(str(tmp_path), 24, share_read=0.5, share_zoom=0.5, name="zoom")
+    ds = data.TrajectoryDataset(p, str(tmp_path), ct, zw.display_budget())
+    recs = [rec for _, rec in ds.records]
+    chats = [i for i, r in enumerate(recs) if r["task"] == "count-dots"]
+    assert 0 < len(chats) < 12 and sum(r["task"] == "read" for r in recs) == 12 - len(chats)
+    for i in chats:
+        r, s = recs[i], ds[i]
+        assert all(x.startswith("perception/zoom_") for x in r["images"]) and len(r["steps"]) == 2
+        crop = s["context"].views[1]  # cut by the gold call's box: the card's cell
+        assert zm.covers(crop.region, r["target_boxes"][0])
+        assert f"has {r['scene'][0][0]['value']} dots" in r["steps"][1]["think"]
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
@@ -371,13 +385,13 @@ def test_zoom_world_marks_need_the_zoom(cfg, box, other, slots, off_grid):
     at most a few grey levels (rounding, bicubic tails at mark corners). After the gold zoom
     (crop rule + smart_resize), they differ by ~100 levels; also after an off-grid zoom whose
     crop smart_resize has to resample."""
-    Wd, Hd, r = zw._geometry(cfg)
+    Wd, Hd, r = zs.geometry(cfg)
     budget = zw.display_budget(cfg)
 
     def scene(kind, value, slots):
         target = {"color": "red", "kind": kind, "value": value, "slots": slots, "big": False, "box": box}
         blue = {"color": "blue", "kind": "dots", "value": 2, "slots": [0, 5], "big": False, "box": other}
-        return zw._render(np.random.default_rng(7), cfg, r, [target, blue])
+        return zs.render(np.random.default_rng(7), cfg, r, [target, blue])
 
     def card_diff(a, b, box):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
@@ -392,7 +406,7 @@ def test_zoom_world_marks_need_the_zoom(cfg, box, other, slots, off_grid):
         return np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC)), region, (w, h)
 
     card = tuple(v / 336 for v in box)
-    gold = zw._cells_bbox(cfg, (Wd, Hd, r), zw._cell(cfg, box))
+    gold = zs.cells_bbox(cfg, (Wd, Hd, r), zs.cell(cfg, box))
     for kind, (va, sa), (vb, sb) in [("dots", (2, slots[0]), (5, slots[1])), ("digit", (3, None), (8, None))]:
         if kind not in cfg.mark_kinds:  # the demo's world draws dots only
             continue
@@ -405,7 +419,7 @@ def test_zoom_world_marks_need_the_zoom(cfg, box, other, slots, off_grid):
         for bbox, floor in ((gold, 90), (off_grid, 40)):
             a, region, disp = shown(A, bbox)
             b, _, _ = shown(B, bbox)
-            mean1, max1 = card_diff(a, b, zw._in_display(card, region, disp))
+            mean1, max1 = card_diff(a, b, zs.in_display(card, region, disp))
             assert max1 >= floor and max1 >= 10 * max0 and mean1 > 5 * mean0, (kind, bbox, mean0, mean1, max1)
     assert (gold[2] - gold[0]) % 14 == 0 and (gold[3] - gold[1]) % 14 == 0  # gold crops: no resampling
 
@@ -523,7 +537,7 @@ def test_figure4_questions_say_what_their_images_show(tmp_path, tokenizer):
                     assert px.shape == (168, 168, 3)
                     assert (px.max(-1) <= 60).sum() == s["dots"] * cfg.dot_size ** 2  # solid ink, nothing else that dark
                     x1, y1, x2, y2 = (round(v * 168) for v in s["box"])
-                    assert tuple(px[y1 + 2, x1 + 2]) == zw.COLORS[s["color"]]  # the card's frame
+                    assert tuple(px[y1 + 2, x1 + 2]) == zs.COLORS[s["color"]]  # the card's frame
 
 
 def test_figure4_smoke_trains_and_sweeps_every_variant(tmp_path):
