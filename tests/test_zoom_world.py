@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -41,7 +43,17 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    assert p.stdout.count("$ python ") == 8 + 6  # 2 x (look, read, sft, grpo), 6 eval rows
+    commands = re.findall(r"^\$ OMP_NUM_THREADS=\d+ python (.*) >> (.*) 2>&1$", p.stdout, re.M)
+    assert len(commands) == 8 + 6  # 2 x (look, read, sft, grpo), 6 eval rows
+    # the two pipelines side by side: both start before either goes on, each writing its own log
+    first = [c for c, log in commands[:2]]
+    assert sorted(c.split(" --data")[0] for c in first) == sorted(
+        f"{ROOT}/sft.py --model out/smoke/tiny-base{v}" for v in ("", "-vanilla")), first
+    logs = {log for c, log in commands}
+    assert logs == {"out/smoke/logs/vilavt.log", "out/smoke/logs/vanilla.log"}
+    for log in logs:
+        text = open(tmp_path / log).read()  # the scripts' own output, in the lane's log: sft.py's and eval.py's
+        assert "8 samples (0 bad)" in text and "| total |" in text, text[-2000:]
     for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/perception_look.jsonl",
                   "sft.py --model out/smoke/look/latest --data out/smoke/zoom/perception_read.jsonl",
                   "sft.py --model out/smoke/read/latest --data out/smoke/zoom/train_rehearse.jsonl",
@@ -91,8 +103,25 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     before = {p: os.path.getmtime(p) for p in (smoke / "sft" / "latest" / "meta.json", smoke / "demo" / "chat.jsonl")}
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=600)
-    assert p.returncode == 0 and "$ python" not in p.stdout, p.stdout[-3000:]  # every stage skipped
+    assert p.returncode == 0 and "\n$ " not in p.stdout, p.stdout[-3000:]  # every stage skipped
     assert all(os.path.getmtime(p) == t for p, t in before.items())
+
+
+def test_side_by_side_stops_every_lane_when_one_fails(tmp_path):
+    """A lane whose script fails stops the other's running script and starts none after it; the
+    failure is raised in the caller. Lanes that succeed run at once, not one after the other."""
+    py = lambda code: [sys.executable, "-c", code]  # noqa: E731
+    lanes = [zw.Lane(1, str(tmp_path / "a.log")), zw.Lane(1, str(tmp_path / "b.log"))]
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        zw.side_by_side(lanes, [lambda lane: lane.call(py("import time; time.sleep(1); raise SystemExit(3)")),
+                                lambda lane: [lane.call(py("import time; time.sleep(600)")), lane.call(py("print(1)"))]])
+    assert e.value.returncode == 3
+    assert lanes[1].proc.returncode == -signal.SIGTERM and open(tmp_path / "b.log").read() == ""  # `print(1)` never ran
+    lanes = [zw.Lane(1, str(tmp_path / f"{i}.log")) for i in range(2)]
+    code = "import os, time; t = time.time(); time.sleep(2); print(os.environ['OMP_NUM_THREADS'], t, time.time())"
+    zw.side_by_side(lanes, [lambda lane: lane.call(py(code))] * 2)
+    (n0, a0, b0), (n1, a1, b1) = [open(tmp_path / f"{i}.log").read().split() for i in range(2)]
+    assert n0 == n1 == "1" and float(a0) < float(b1) and float(a1) < float(b0)  # their runs overlap
 
 
 def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
