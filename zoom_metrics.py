@@ -7,8 +7,6 @@ The zoom world's instruments: the demo's results table and the probes of its mod
                     reading, option), teacher-forced on held-out records, and the visual
                     features' spread against their shared mean (the collapse issue 12 measured)
     probe_perception  the perception stages' own skills on held-out perception records
-    figure4_point   one point of the Figure 4 sweep: a variant's accuracy at one budget, per
-                    question kind; figure4_table and figure4_plot draw the sweep
 
 Its own file because zoom_world.py holds the world and the driver, the data and the commands a
 user types; these read what the scripts wrote (results, checkpoints) and score it. They know the
@@ -19,8 +17,6 @@ import json
 import statistics
 
 import torch
-
-import plots
 
 from data import ENCODER_KEYS, Context, read_jsonl, render_sample
 from eval import final_answer, score_answer
@@ -232,46 +228,3 @@ def demo_table(rows):
         cells = [f"{r[k]:.2f}" if k == "tool_calls" else cell(r, k) for k, _ in COLUMNS]
         out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n']} |")
     return "\n".join(out) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# Figure 4 in miniature: accuracy against the visual-token budget, one line per encoder variant
-
-
-def figure4_point(questions, lines):
-    """One point of the sweep from eval.py's results lines: accuracy in percent with its 95%
-    half-width, n, and the accuracy per question kind (the records' "task": dots, size)."""
-    scores = {}
-    for q in questions:
-        s = question_score(q, lines)
-        scores.setdefault("all", []).append(s)
-        scores.setdefault(q["meta"]["task"], []).append(s)
-    kinds = {f"accuracy_{k}": pct(v) for k, v in sorted(scores.items()) if k != "all"}
-    return dict(accuracy=pct(scores["all"]), accuracy_ci95=ci95(scores["all"]), n=len(questions), **kinds)
-
-
-def figure4_table(rows):
-    """Markdown: a row per variant, a column per budget (largest first): accuracy +- its 95%
-    half-width, then the same per question kind."""
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    budgets = sorted({r["budget_tokens"] for r in rows}, reverse=True)
-    at = {(r["variant"], r["budget_tokens"]): r for r in rows}
-    kinds = sorted(k[len("accuracy_"):] for k in rows[0] if k.startswith("accuracy_") and k != "accuracy_ci95")
-    out = []
-    for title, cell in [("accuracy, all questions (± 95% interval)",
-                         lambda r: f"{r['accuracy']:.1f} ± {r['accuracy_ci95']:.1f}")] + \
-            [(f"accuracy, {k} questions", lambda r, k=k: f"{r['accuracy_' + k]:.1f}") for k in kinds]:
-        out += [f"**{title}**", "", "| variant | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
-                "|---|" + "---|" * len(budgets)]
-        out += [f"| {v} | " + " | ".join(cell(at[v, b]) for b in budgets) + " |" for v in variants]
-        out.append("")
-    return "\n".join(out)
-
-
-def figure4_plot(rows, path):
-    """The sweep as the paper's Figure 4: accuracy against the budget, one line per variant."""
-    series = {}
-    for r in rows:
-        series.setdefault(r["variant"], {})[r["budget_tokens"]] = r["accuracy"]
-    plots.plot_lines(series, path, "Figure 4 in miniature: accuracy vs. visual-token budget",
-                     "total visual tokens (training budget: the largest)", "accuracy (%)")

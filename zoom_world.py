@@ -3,7 +3,6 @@ The zoom world: the CPU demo of the whole method, as a synthetic task and a driv
 
     python zoom_world.py              # data, tiny bases, perception, SFT, GRPO, eval -> out/demo/results.md
     python zoom_world.py --smoke      # the same sequence in miniature under out/smoke/ (CI, ~1 min)
-    python zoom_world.py --figure4    # paper Figure 4 in miniature: four encoders, shrinking budgets -> out/figure4/
 
 The task writes images and gold "chatting with images" trajectories in the project's record
 schema, answerable only by zooming in, and the perception records that come first (a base that can
@@ -12,14 +11,12 @@ it (`python sft.py --model ... --data ...`, then grpo.py, eval.py), printing eac
 scripts know nothing of this file: they see an HF model folder and a JSONL file, as at 7B. This file
 owns the task's data, its tiny tokenizer and base models and the sizes of every stage (PRESETS);
 zoom_scenes.py draws its images, zoom_metrics.py holds its instruments (the results table, the
-probes). Folders under out/ (out/smoke/ with --smoke), each stage starting from the previous one's
-`latest`:
+probes); zoom_figure4.py is the encoder's own experiment on the same cards. Folders under out/
+(out/smoke/ with --smoke), each stage starting from the previous one's `latest`:
 
     zoom/  tiny-base[-vanilla]/  look[-vanilla]/  read[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/
     logs/ (vilavt.log, vanilla.log: the two pipelines run side by side, each script's output here)
     demo/ (<row>.jsonl, results.json, .md, probes.json)
-    figure4/ (--figure4: data/  tiny-base/  vilavt/  no_inquiry/  no_multi_image/  vanilla/  eval/
-              results.json, .md, .png)
 
 Resumable: a stage whose output is complete and newer than its input is skipped, a training run
 cut short continues with --resume, an output older than its input is redone.
@@ -40,7 +37,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
 import rollout  # its checkpoint loader
@@ -151,7 +147,7 @@ class ZoomWorldConfig:
     digit_cell: int = 4  # px per cell of the 3x5 digit font (a 12x20 digit); multiple of r
     ink_levels: tuple = (40, 230)  # the two grey levels of the mark texture; the label is their mean
     solid_marks: bool = False  # marks in solid dark ink (ink_levels[0]) instead of the texture that vanishes at the
-    #   display: they fade gradually as an image shrinks (the Figure 4 task, make_figure4)
+    #   display: they fade gradually as an image shrinks (the Figure 4 task, zoom_figure4.py)
     ramp: int = 40  # a colour ramp over every image, +-ramp grey levels: red grows left to right, blue top to
     #   bottom, so each patch's colour says where it is (a position cue: the lab's ground1, 51% -> 97.5%)
     question_first: bool = False  # the question before the images in the user turn, so that the image tokens
@@ -536,99 +532,6 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
 
 
 # -----------------------------------------------------------------------------
-# Figure 4 in miniature (paper section 4.4): the dynamic encoder's controlled experiment
-#
-# Two images with one card each, and a yes/no question comparing the pair: does the first card carry
-# more dots (fine detail, 1-6 dots; blurs as the images shrink), or is it the larger card (coarse:
-# readable at any budget)? Both kinds are asked of alike images, so the inquiry has something to
-# select. Comparisons, not "the same?", because a tiny model trained from random weights learns an
-# order between two readings and not their equality (measured: 500 steps of 16 left "same colour?"
-# and "same dot pattern?" at one constant answer). Answered directly (one <answer>, no think, no
-# tools), trained at one visual-token budget and evaluated at shrinking ones, as the paper's Figure 4
-# models are. Solid dots, not the demo's texture, which vanishes at once below full resolution.
-
-FIGURE4_WORLD = ZoomWorldConfig(canvas_size=(168, 168), display_max_pixels=84 * 84, card_size=(120, 88),
-                                card_border=10, dot_size=8, dot_gap=6, dot_grid=(3, 2), dot_count=(1, 6),
-                                solid_marks=True, ramp=0, n_clutter=(4, 8))
-FIGURE4_SCALES = (0.6, 1.0)  # a card's linear size, drawn from this range of card_size
-FIGURE4_SIDES = ((168, 0.7), (140, 0.1), (112, 0.1), (84, 0.1))  # train images: both of a pair shown at one of
-#   these sides (px), with these shares, as real images come in many sizes: at the training budget (36 tokens per
-#   image, 168x168) each is seen at its own resolution, so the model meets every grid from 6x6 to 12x12 patches
-#   (trained on 168 alone, a tiny model collapsed on smaller grids: 90% at the training budget, 33% at 40
-#   tokens; on the four sides alike, it stayed at one constant answer for 1,000 steps of 16). Eval: 168x168
-FIGURE4_TEXT = {"dots": "Does the first card have more dots than the second?",
-                "size": "Is the first card larger than the second?"}
-
-
-def _figure4_sample(rng, cfg, name, kind, side):
-    """One direct-mode record and its two images, shown at side x side px: `kind` "dots" (more dots
-    on the first card?) or "size" (the first card larger?), the answer yes for half of each. The
-    asked property differs between the cards (dot counts by at least 1, sizes by at least 25% in
-    area); the other is random."""
-    r, (W, H) = 2, cfg.canvas_size
-    yes = bool(rng.random() < 0.5)
-    names = list(COLORS)
-    counts = [int(v) for v in rng.choice(np.arange(cfg.dot_count[0], cfg.dot_count[1] + 1), 2, replace=False)]
-    scales = [float(v) for v in rng.uniform(*FIGURE4_SCALES, 2)]
-    while kind == "size" and max(scales) ** 2 < 1.25 * min(scales) ** 2:
-        scales = [float(v) for v in rng.uniform(*FIGURE4_SCALES, 2)]
-    key = counts if kind == "dots" else scales
-    if (key[0] > key[1]) != yes:  # the first card wins exactly when the answer is yes
-        counts, scales = (counts[::-1], scales) if kind == "dots" else (counts, scales[::-1])
-    images, scene = [], []
-    for count, scale in zip(counts, scales):
-        w = int(round(cfg.card_size[0] * scale / r)) * r
-        h = int(round(cfg.card_size[1] * scale / r)) * r
-        x = int(rng.integers(cfg.cell_margin // r, (W - w - cfg.cell_margin) // r + 1)) * r
-        y = int(rng.integers(cfg.cell_margin // r, (H - h - cfg.cell_margin) // r + 1)) * r
-        slots = sorted(int(k) for k in rng.permutation(cfg.dot_grid[0] * cfg.dot_grid[1])[:count])
-        card = dict(color=names[int(rng.integers(len(names)))], kind="dots", value=count, slots=slots, big=False,
-                    box=(x, y, x + w, y + h))
-        img = zs.render(rng, cfg, r, [card])
-        images.append(img if side == W else img.resize((side, side * H // W), Image.BICUBIC))
-        scene.append(dict(color=card["color"], dots=count, box=zs.normalised(cfg, card["box"])))
-    answer = "yes" if yes else "no"
-    question = FIGURE4_TEXT[kind]
-    rec = {"id": name, "images": [f"images/{name}_{j}.png" for j in range(2)], "question": question,
-           "answer": answer, "problem_type": "yes/no", "task": kind, "mode": "direct", "system": SYSTEM,
-           "prompt": user_turn(2, question), "steps": [{"text": f"<answer> {answer} </answer>", "answer": answer}],
-           "side": side, "scene": scene}
-    return rec, images
-
-
-def make_figure4(out_dir, n_train, n_eval, cfg=FIGURE4_WORLD, seed=0):
-    """Write out_dir/{train,eval}.jsonl (direct-mode records, half of each split per question kind,
-    in random order; train pairs at the sides of FIGURE4_SIDES, eval pairs at 168) and their
-    images under out_dir/images/. Deterministic for a seed."""
-    (w, h), lo = cfg.card_size, FIGURE4_SCALES[0]
-    b, (cols, rows), s, g = cfg.card_border, cfg.dot_grid, cfg.dot_size, cfg.dot_gap
-    if w + 2 * cfg.cell_margin > cfg.canvas_size[0] or h + 2 * cfg.cell_margin > cfg.canvas_size[1] or \
-            cols * s + (cols - 1) * g > lo * w - 2 * b - 2 or rows * s + (rows - 1) * g > lo * h - 2 * b - 2:
-        raise ValueError(f"figure 4 world: a card of {w}x{h} (down to {lo} of it), its dots and margins do not "
-                         f"fit {cfg.canvas_size}")
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    paths = {}
-    for split_id, (split, n) in enumerate((("train", n_train), ("eval", n_eval))):
-        kinds = np.random.default_rng([seed, 40, split_id]).permutation(n) % 2
-        sides = np.random.default_rng([seed, 41, split_id]).choice([v for v, _ in FIGURE4_SIDES], n,
-                                                                   p=[p for _, p in FIGURE4_SIDES])
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        with open(paths[split], "w") as f:
-            for i in range(n):
-                rec, images = _figure4_sample(np.random.default_rng([seed, 40, split_id, i]), cfg, f"{split}_{i:05d}",
-                                              ("dots", "size")[kinds[i]],
-                                              int(sides[i]) if split == "train" else cfg.canvas_size[0])
-                for p, img in zip(rec["images"], images):
-                    img.save(os.path.join(out_dir, p), compress_level=1)
-                f.write(json.dumps(rec) + "\n")
-    paths["meta"] = os.path.join(out_dir, "meta.json")
-    with open(paths["meta"], "w") as f:
-        json.dump({"task": "figure 4", "seed": seed, "n_train": n_train, "n_eval": n_eval, "sides": FIGURE4_SIDES,
-                   "scales": FIGURE4_SCALES, "config": asdict(cfg)}, f, indent=1)
-    return paths
-
-
-# -----------------------------------------------------------------------------
 # presets: the demo's sizes, one entry per preset (gpt-fast's transformer_configs). Each stage's
 # flags are written as a user types them; everything else is the scripts' own default, i.e. the
 # paper's 7B setting. The model is model.tiny_config in both presets.
@@ -689,28 +592,6 @@ PRESETS = {
              "--max-new-tokens 64 --max-context 4096 --lr 1e-5 --no-activation-checkpointing",
         eval="--greedy --batch-size 8 --max-turn-tokens 32 --max-new-tokens 64 --max-context 4096",
     ),
-}
-
-# The Figure 4 sweep (`--figure4`): the four encoder variants of paper section 4.4 are the two
-# switches of data.Initial (sft.py / eval.py --initial-groups, --initial-inquiry), each trained from
-# the same ViLaVT tiny base with the same data, steps and seed, so that they differ in nothing else.
-# (The paper's Vanilla is Qwen2.5-VL's own encoder; ours is ViLaVT's with both switches off, whose
-# query-aware layers then see one image and no text: the same weights, attending as a vanilla ViT.)
-FIGURE4_VARIANTS = (("ViLaVT", "joint", "question"), ("w/o Inquiry", "joint", "none"),
-                    ("w/o Multi-Image", "per-image", "question"), ("Vanilla", "per-image", "none"))
-FIGURE4_PRESETS = {
-    # budgets: total visual tokens of a question's two images; training at the first, evaluation at
-    # each (168x168 -> 84x84 per image, a third of the tokens at the last)
-    # seed 1: the task was designed on seed 0's splits (README, "Figure 4 in miniature"), so that the
-    # reported sweep is on questions no choice was made on
-    "tiny": dict(world=dict(n_train=12000, n_eval=400, seed=1), budgets=(72, 56, 40, 24),
-                 sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 16 --epochs 1 --no-activation-checkpointing",
-                 eval="--mode direct --greedy --batch-size 32 --max-turn-tokens 16 --max-new-tokens 16 "
-                      "--max-context 1024"),
-    "smoke": dict(world=dict(n_train=16, n_eval=8, seed=0), budgets=(72, 24),
-                  sft="--lr 1e-3 --vision-lr 1e-4 --global-batch 4 --epochs 1 --no-activation-checkpointing",
-                  eval="--mode direct --greedy --batch-size 8 --max-turn-tokens 16 --max-new-tokens 16 "
-                       "--max-context 1024"),
 }
 
 # the results table: row name, the stage whose checkpoint it evaluates, eval.py flags
@@ -831,8 +712,8 @@ def train(script, model, data, out_dir, flags, lane=None):
     meta = read_json(os.path.join(ckpt, "meta.json")) if ckpt is not None else None
     if meta is not None and meta["step"] >= meta["num_steps"]:
         return print(f"{out_dir}: done (step {meta['step']}), skipped")
-    (lane or Lane()).run(script, "--model", model, "--data", data, "--image-root", os.path.dirname(data), "--out-dir", out_dir,
-        *flags.split(), *(["--resume"] if os.path.exists(out_dir) else []))
+    (lane or Lane()).run(script, "--model", model, "--data", data, "--image-root", os.path.dirname(data),
+                         "--out-dir", out_dir, *flags.split(), *(["--resume"] if os.path.exists(out_dir) else []))
 
 
 def evaluate(ckpt, bench, out, flags, n, written=None, lane=None):
@@ -845,61 +726,30 @@ def evaluate(ckpt, bench, out, flags, n, written=None, lane=None):
         done += os.path.exists(f) and sum(ln.get("error") is None for ln in read_results(results_files(f))[0].values()) == n
     if done == len(written):
         return print(f"{out}: done, skipped")
-    (lane or Lane()).run("eval.py", "--model", ckpt, "--bench", bench, "--image-root", os.path.dirname(bench), "--out", out,
-        *flags.split())
+    (lane or Lane()).run("eval.py", "--model", ckpt, "--bench", bench, "--image-root", os.path.dirname(bench),
+                         "--out", out, *flags.split())
 
 
-def figure4(root, preset):
-    """The Figure 4 sweep under root: data, one tiny base, each variant trained by sft.py and
-    evaluated by eval.py --sweep at every budget; writes results.json ([{variant, budget_tokens,
-    accuracy, n, ...}]), results.md and results.png. Resumable as the demo is."""
-    import zoom_metrics as zm
-    t0, times = time.time(), {}
-    data, budgets = os.path.join(root, "data"), preset["budgets"]
-    build_once(data, dict(preset["world"], task="figure 4", sides=FIGURE4_SIDES, scales=FIGURE4_SCALES,
-                          config=asdict(FIGURE4_WORLD)),
-               lambda tmp: make_figure4(tmp, **preset["world"]), f"the Figure 4 task ({preset['world']})")
-    base = os.path.join(root, "tiny-base")
-    if not os.path.exists(os.path.join(base, "config.json")):
-        build_tiny_base(base)
-    bench, rows = os.path.join(data, "eval.jsonl"), []
-    questions = load_bench(bench)
-    times["data and base"] = time.time() - t0
-    for name, groups, inquiry in FIGURE4_VARIANTS:
-        t, slug = time.time(), name.lower().replace("w/o ", "no_").replace("-", "_")
-        switches = f"--initial-groups {groups} --initial-inquiry {inquiry}"
-        train("sft.py", base, os.path.join(data, "train.jsonl"), os.path.join(root, slug),
-              f"{preset['sft']} --total-visual-tokens {budgets[0]} {switches}")
-        ckpt, out = latest_checkpoint(os.path.join(root, slug)), os.path.join(root, "eval", slug + ".jsonl")
-        files = [os.path.join(root, "eval", f"{slug}.direct.tok{b}.jsonl") for b in budgets]
-        evaluate(ckpt, bench, out, f"{switches} --sweep {','.join(map(str, budgets))} {preset['eval']}",
-                 len(questions), files)
-        for b, f in zip(budgets, files):
-            rows.append(dict(variant=name, budget_tokens=b, **zm.figure4_point(questions, read_results([f])[0])))
-        times[slug] = time.time() - t
-    atomic_write(os.path.join(root, "results.json"), json.dumps(rows, indent=1) + "\n")
-    atomic_write(os.path.join(root, "results.md"), zm.figure4_table(rows))
-    zm.figure4_plot(rows, os.path.join(root, "results.png"))
-    print("\n" + zm.figure4_table(rows) + f"\nwrote {os.path.join(root, 'results.json')}, .md, .png")
-    print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
-          f"; in all {(time.time() - t0) / 60:.1f} min ({torch.get_num_threads()} threads per process)")
-    return rows
+def parse_args(argv, description, presets, folder):
+    """The drivers' flags (--smoke, --out, --seed): returns the preset to run (its world's seed
+    overridden by --seed) and its folder (--out, else out/[smoke/]folder)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"the smoke preset, under {os.path.join('out/smoke', folder)} (CI)")
+    ap.add_argument("--out", help=f"the run's folder (default: {os.path.join('out', folder)}, or "
+                                  f"{os.path.join('out/smoke', folder)} with --smoke)")
+    ap.add_argument("--seed", type=int, help="the task data's seed (default: the preset's)")
+    args = ap.parse_args(argv)
+    preset = presets["smoke" if args.smoke else "tiny"]
+    if args.seed is not None:
+        preset = dict(preset, world=dict(preset["world"], seed=args.seed))
+    root = args.out or os.path.join("out", "smoke" if args.smoke else "", folder)
+    return preset, root.rstrip("/") or "."
 
 
 def main(argv=None):
     import zoom_metrics as zm  # the demo's instruments (their own file, which imports this one)
-    ap = argparse.ArgumentParser(description="The zoom-world demo: data, tiny models, SFT, GRPO, eval (README)")
-    ap.add_argument("--smoke", action="store_true", help="the smoke preset, under out/smoke/ (CI)")
-    ap.add_argument("--figure4", action="store_true", help="the Figure 4 sweep instead (out/figure4/)")
-    ap.add_argument("--out", help="the demo's folder (default: out, or out/smoke with --smoke)")
-    ap.add_argument("--seed", type=int, help="the task data's seed (default: the preset's)")
-    args = ap.parse_args(argv)
-    preset = (FIGURE4_PRESETS if args.figure4 else PRESETS)["smoke" if args.smoke else "tiny"]
-    if args.seed is not None:
-        preset = dict(preset, world=dict(preset["world"], seed=args.seed))
-    root = (args.out or os.path.join("out", "smoke" if args.smoke else "")).rstrip("/") or "."
-    if args.figure4:
-        return figure4(root if args.out else os.path.join(root, "figure4"), preset)
+    preset, root = parse_args(argv, "The zoom-world demo: data, tiny models, SFT, GRPO, eval (README)", PRESETS, "")
     t0, times = time.time(), {}
     zoom = os.path.join(root, "zoom")
     make_data(zoom, preset["world"], preset["perception"])
