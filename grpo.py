@@ -35,10 +35,10 @@ import data
 import plots
 import reward
 import rollout
-from data import Context, RecordError
+from data import RecordError
 from pixels import FACTOR
 from model import config_to_hf
-from training import (PAD, build_model, distributed, make_optimizer, open_log, padded, print0,
+from training import (build_model, distributed, make_optimizer, open_log, padded, padded_forward, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
 
 
@@ -177,26 +177,17 @@ def score(traj, rec):
 # log-probs on exactly the rollout tokens
 
 
-def to_device(enc, device):
-    return {k: v.to(device) for k, v in enc.items()}
-
-
 def batch_logprobs(model, items, device, entropy=False, temperature=1.0):
     """log pi(token_t | <t) at the policy tokens of a micro-batch of trajectories, as (rows, T-1)
     right padded, 0 wherever the policy mask is 0: the same ids the sampler produced, every image
-    re-encoded in its own group with its own inquiry, in one vision-encoder call and one LM
-    forward. The lm_head and its log-softmax run at the policy tokens only (the prompt, images
-    and observations need no log-probs). temperature: the sampler's, so that the ratio of Eq. 6
-    is between the policies that sampled (as verl; top-p is not applied). entropy=True: also the
-    entropy there, (rows, T-1)."""
-    assert model.cfg.lm.image_token_id != PAD, "the padding token must be a text token"
-    ids = torch.full((len(items), max(len(t["ids"]) for t in items)), PAD, dtype=torch.long)
-    for i, t in enumerate(items):
-        ids[i, :len(t["ids"])] = torch.tensor(t["ids"])
-    enc = data.unique_groups(Context.merge_encoder_inputs([t["enc"] for t in items]))  # originals once per prompt
-    h = model.hidden_states(ids.to(device), **to_device(enc, device))
+    re-encoded in its own group with its own inquiry, in one padded forward (training.padded_forward,
+    the shared originals encoded once). The lm_head and its log-softmax run at the policy tokens
+    only (the prompt, images and observations need no log-probs). temperature: the sampler's, so
+    that the ratio of Eq. 6 is between the policies that sampled (as verl; top-p is not applied).
+    entropy=True: also the entropy there, (rows, T-1)."""
+    ids, h = padded_forward(model, [t["ids"] for t in items], [t["enc"] for t in items], device, share=True)
     pick = padded(items, "mask", ids.shape[1] - 1, device).bool()  # predicts the policy token at t+1
-    out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:].to(device)[pick][None], entropy=entropy,
+    out = model.token_logprobs(h[:, :-1][pick][None], ids[:, 1:][pick][None], entropy=entropy,
                                temperature=temperature)
     scatter = lambda v: torch.zeros(pick.shape, dtype=v.dtype, device=device).masked_scatter(pick, v[0])  # noqa: E731
     return tuple(map(scatter, out)) if entropy else scatter(out)

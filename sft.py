@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 import release
 import data
-from data import ENCODER_KEYS, Budget, ChatTokenizer, Context, TrajectoryDataset
+from data import ENCODER_KEYS, Budget, ChatTokenizer, TrajectoryDataset
 from model import config_to_hf
-from training import (PAD, build_model, distributed, lr_at, make_optimizer, open_log, padded, print0,
+from training import (build_model, distributed, lr_at, make_optimizer, open_log, padded, padded_forward, print0,
                       rank_micro_batches, resolve_checkpoint, restore, save, start_point, warn)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data-loader workers fork after the tokenizers ran
@@ -152,16 +152,12 @@ def dummy_sample(ct):
 
 def batch_nll(model, samples, device):
     """Summed NLL of the supervised tokens (targets = labels shifted left) of a micro-batch of
-    samples: rows right padded with a text token (inert under causal attention; labels -100
-    there), every sample's images in one vision-encoder call (Context.merge_encoder_inputs), one
-    LM forward. The lm_head runs at the supervised positions only (chunked token_logprobs), never
+    samples, in one padded forward (training.padded_forward; labels -100 at the padding). The
+    lm_head runs at the supervised positions only (chunked token_logprobs), never
     on the full fp32 (T x vocab) logits."""
-    assert model.cfg.lm.image_token_id != PAD, "the padding token must be a text token"
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = padded(samples, "input_ids", width, device, PAD)
-    targets = F.pad(padded(samples, "labels", width, device, -100)[:, 1:], (0, 1), value=-100)
-    enc = Context.merge_encoder_inputs([{k: s[k] for k in ENCODER_KEYS} for s in samples])
-    h = model.hidden_states(ids, **{k: v.to(device, non_blocking=True) for k, v in enc.items()})
+    encs = [{k: s[k] for k in ENCODER_KEYS} for s in samples]
+    ids, h = padded_forward(model, [s["input_ids"] for s in samples], encs, device)
+    targets = F.pad(padded(samples, "labels", ids.shape[1], device, -100)[:, 1:], (0, 1), value=-100)
     pick = targets != -100
     if not pick.any():  # dummies only: a zero loss that still runs the backward (FSDP collectives)
         return -model.token_logprobs(h[:, :1], targets[:, :1]).sum()

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+import data  # (data.unique_groups looked up at call time: memplan replaces it)
 from model import ViLaVT, config_from_hf, read_json, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -228,6 +229,23 @@ def micro_batches(lengths, budget, n_groups=None, forward_cost=FORWARD_COST):
         assert len(groups[k]) > 1, f"{len(lengths)} sequences do not make {n_groups} micro-batches"
         groups[k:k + 1] = [groups[k][:len(groups[k]) // 2], groups[k][len(groups[k]) // 2:]]
     return groups
+
+
+def padded_forward(model, rows, encs, device, share=False):
+    """One LM forward over a micro-batch of token rows (1-D sequences): (ids (rows, T), hidden
+    states (rows, T, d)). Rows are right padded with PAD (inert under causal attention: no real
+    token sees it); every row's images go through one vision-encoder call. share: each repeated
+    encoder group encoded once (data.unique_groups, exact: a prompt's G rollouts, or a probe's
+    candidates, share their originals; SFT samples seldom do, and memplan's fake tensors cannot
+    compare pixels). sft.py's loss, grpo.py's log-probs and the demo's probes run this forward."""
+    assert model.cfg.lm.image_token_id != PAD, "the padding token must be a text token"
+    ids = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r)
+    enc = data.Context.merge_encoder_inputs(encs)
+    enc = data.unique_groups(enc) if share else enc
+    ids = ids.to(device)
+    return ids, model.hidden_states(ids, **{k: v.to(device, non_blocking=True) for k, v in enc.items()})
 
 
 def rank_micro_batches(batch, budget, device, key="ids"):

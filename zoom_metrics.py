@@ -18,9 +18,10 @@ import statistics
 
 import torch
 
-from data import ENCODER_KEYS, Context, read_jsonl, render_sample
+from data import ENCODER_KEYS, read_jsonl, render_sample
 from eval import final_answer, score_answer
 from reward import format_ok
+from training import padded_forward
 from zoom_scenes import COLORS, mark_values
 from zoom_world import _KIND, TEXT, ZoomWorldConfig, _cell_place
 
@@ -146,18 +147,15 @@ def slot_scores(model, samples):
     """(n,) summed log-probs of each candidate's slot: the token span where the candidates' ids
     differ (their common prefix and suffix are left out), teacher-forced in one padded batch
     (right padding is inert under causal attention)."""
-    ids = [s["input_ids"].tolist() for s in samples]
-    pre = _common_prefix(ids)
-    suf = _common_prefix([row[pre:][::-1] for row in ids])
-    T = max(map(len, ids))
-    x = torch.zeros(len(ids), T, dtype=torch.long)  # pad with token 0, a text token
-    targets = torch.full((len(ids), T), -100)
-    for b, row in enumerate(ids):
-        x[b, :len(row)] = torch.tensor(row)
-        targets[b, pre - 1:len(row) - suf - 1] = x[b, pre:len(row) - suf]  # position t predicts token t+1
-    enc = Context.merge_encoder_inputs([{k: s[k] for k in ENCODER_KEYS} for s in samples])
+    rows = [s["input_ids"].tolist() for s in samples]
+    pre = _common_prefix(rows)
+    suf = _common_prefix([row[pre:][::-1] for row in rows])
     with torch.no_grad():
-        return model.token_logprobs(model.hidden_states(x, **enc), targets).sum(1)
+        x, h = padded_forward(model, rows, [{k: s[k] for k in ENCODER_KEYS} for s in samples], "cpu", share=True)
+        targets = torch.full(x.shape, -100)
+        for b, row in enumerate(rows):
+            targets[b, pre - 1:len(row) - suf - 1] = x[b, pre:len(row) - suf]  # position t predicts token t+1
+        return model.token_logprobs(h, targets).sum(1)
 
 
 def _common_prefix(rows):
