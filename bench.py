@@ -240,6 +240,30 @@ def tiny_hf_checkpoint(out_dir, seed, vocab=TINY_VOCAB, ids=TINY_IDS):
     Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(out_dir)
 
 
+# transformers as the oracle under 4.57 and 5.x (requirements.txt's range): where their Qwen2.5-VL
+# is called differently, these pick the same oracle from either (tests/conftest.py uses them too).
+
+
+def transformers_5():
+    import transformers
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def mm_types(ids, image_token_id):
+    """transformers' Qwen2.5-VL computes M-RoPE positions only when given mm_token_type_ids from
+    5.x on (without them it silently falls back to 1-D positions, the wrong oracle); 4.x has no
+    such argument. Keyword arguments for the reference model, for either."""
+    return {"mm_token_type_ids": (ids == image_token_id).int()} if transformers_5() else {}
+
+
+def hf_vision_features(visual, pixel_values, grid_thw):
+    """The merged features (one row per LM token) of transformers' Qwen2.5-VL vision tower: 4.x
+    returns them as a tensor; 5.x returns a BaseModelOutputWithPooling whose pooler_output holds
+    them (its last_hidden_state is the blocks' output before the merger, in window order)."""
+    out = visual(pixel_values, grid_thw=grid_thw)
+    return out.pooler_output if transformers_5() else out
+
+
 def grad_diff(ours, hf):
     """Max abs difference of all parameter gradients (HF names mapped to checkpoint names), and
     the largest gradient magnitude for scale."""
@@ -272,6 +296,7 @@ def model_vs_transformers(args):
     assert impl == ("sdpa", "sdpa"), f"transformers runs {impl}, not sdpa"
     segs = interleave(images, args.seq_len)
     ids, pv, grid = build_inputs(segs, TINY_IDS["vision_start"], TINY_IDS, seed=args.seed)
+    mm = mm_types(ids, TINY_IDS["image_pad"])
     T, N = ids.shape[1], pv.shape[0]
     cfg = ours.cfg
     print(f"config: LM hidden {cfg.lm.hidden_size}, {cfg.lm.num_hidden_layers} layers, {cfg.lm.num_attention_heads} heads "
@@ -290,22 +315,23 @@ def model_vs_transformers(args):
         loss.backward()
 
     def full_hf():
-        loss = F.cross_entropy(hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, use_cache=False).logits[0], targets)
+        loss = F.cross_entropy(hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, use_cache=False, **mm).logits[0],
+                               targets)
         loss.backward()
 
     def vis_ours():
         (ours.visual(pv, grid) * probe).sum().backward()
 
     def vis_hf():
-        (hf.model.visual(pv, grid_thw=grid) * probe).sum().backward()
+        (hf_vision_features(hf.model.visual, pv, grid) * probe).sum().backward()
 
     # --- parity before timing
     ours.eval()
     hf.eval()
     with torch.no_grad():
         lo = ours(ids, pv, grid)
-        lh = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, use_cache=False).logits
-        vo, vh = ours.visual(pv, grid), hf.model.visual(pv, grid_thw=grid)
+        lh = hf(input_ids=ids, pixel_values=pv, image_grid_thw=grid, use_cache=False, **mm).logits
+        vo, vh = ours.visual(pv, grid), hf_vision_features(hf.model.visual, pv, grid)
     print(f"parity: logits max |diff| {(lo - lh).abs().max().item():.2e} (max |logit| {lh.abs().max().item():.2f}); "
           f"vision output max |diff| {(vo - vh).abs().max().item():.2e} (max |out| {vh.abs().max().item():.2f})")
     assert (lo - lh).abs().max() <= 1e-3 and (vo - vh).abs().max() <= 1e-3, "outputs disagree: not timing"

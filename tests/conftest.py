@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 import tiny_tokenizer  # noqa: E402
+from bench import transformers_5  # noqa: E402 (the oracle's version switches live in bench.py, which calls it too)
 import zoom_world as zw  # noqa: E402
 
 SPECIALS = list(tiny_tokenizer.SPECIAL_TOKENS)
@@ -87,24 +88,7 @@ def embedder_dir(tmp_path_factory, tokenizer):
 # under both). Where the two differ, these helpers pick the same oracle from either; where they
 # disagree on what is right (alpha compositing, tests/test_preprocess.py), the test says so.
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-
-
-def mm_types(ids, image_token_id):
-    """transformers' Qwen2.5-VL computes M-RoPE positions only when given mm_token_type_ids from
-    5.x on (without them it silently falls back to 1-D positions, the wrong oracle); 4.x has no
-    such argument. Keyword arguments for the reference model, for either."""
-    if not TRANSFORMERS_5:
-        return {}
-    return {"mm_token_type_ids": (ids == image_token_id).int()}
-
-
-def hf_vision_features(visual, pixel_values, grid_thw):
-    """The merged features (one row per LM token) of transformers' Qwen2.5-VL vision tower: 4.x
-    returns them as a tensor; 5.x returns a BaseModelOutputWithPooling whose pooler_output holds
-    them (its last_hidden_state is the blocks' output before the merger, in window order)."""
-    out = visual(pixel_values, grid_thw=grid_thw)
-    return out.pooler_output if TRANSFORMERS_5 else out
+TRANSFORMERS_5 = transformers_5()
 
 
 def hf_image_processor(**kw):

@@ -10,7 +10,8 @@ import torch
 import encoder
 from model import ViLaVT, config_from_hf, config_to_hf, read_json, rope_index
 
-from conftest import SHARED, hf_vision_features, mm_types
+from bench import hf_vision_features, mm_types
+from conftest import SHARED
 
 
 
