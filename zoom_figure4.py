@@ -239,5 +239,6 @@ def main(argv=None):
                               FIGURE4_PRESETS, "figure4")
     return sweep(root, preset)
 
+
 if __name__ == "__main__":
     main()
