@@ -538,6 +538,42 @@ def cmd_model(args):
 # rollout: our batched multi-turn generation vs transformers' generate (CPU, tiny checkpoint)
 
 
+def generate_inputs(prompts, ct, budget, pad_id):
+    """transformers' generate inputs for rollout.Prompts: exactly our token ids (our Figure 15/16
+    rendering), left padded with pad_id (generate's convention), and the images' patches."""
+    import data
+    rows, pvs, grids = [], [], []
+    for p in prompts:
+        ctx = data.Context(p.images, budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
+        rows.append(ct.encode_parts(data.prompt_parts([v.display for v in ctx.views], p.question),
+                                    [v.n_tokens for v in ctx.views]))
+        enc = ctx.encoder_inputs(ctx.views, ct)
+        pvs.append(enc["pixel_values"])
+        grids.append(enc["grid_thw"])
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, torch.cat(pvs), torch.cat(grids)
+
+
+def hf_generate(hf, prompts, ct, budget, pad_id, image_pad_id, n, scores=False):
+    """(B, n) greedy tokens of transformers' generate after our prompts (exactly n each), and with
+    scores=True its (B, n, vocab) logits of each step too (the end token's held at -inf)."""
+    ids, mask, pv, grid = generate_inputs(prompts, ct, budget, pad_id)
+    out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid, max_new_tokens=n,
+                      min_new_tokens=n, do_sample=False, pad_token_id=pad_id, output_scores=scores,
+                      return_dict_in_generate=True,
+                      **mm_types(ids, image_pad_id))  # 5.x computes M-RoPE positions only with these
+    tokens = out.sequences[:, ids.shape[1]:]
+    return (tokens, torch.stack(out.scores, 1)) if scores else tokens
+
+
+def first_turn(traj):
+    """A rollout.Trajectory's tokens up to its first observation (a random model may call a tool)."""
+    k = next((j for j in range(traj.prompt_len, len(traj.ids)) if not traj.policy_mask[j]), len(traj.ids))
+    return traj.ids[traj.prompt_len:k]
+
+
 def cmd_rollout(args):
     """Generated tokens/s of rollout.rollout (static KV cache, one batched decode step per token)
     against transformers' generate on the same tiny checkpoint, the same prompt token ids (our
@@ -565,44 +601,26 @@ def cmd_rollout(args):
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, CPU; greedy; "
           f"prompt = system + one {args.max_pixels}-pixel image + question")
     print(f"{'batch':>5s} {'new tokens':>10s} {'ours tok/s':>11s} {'hf tok/s':>9s} {'ratio ours/hf':>13s} "
-          f"{'prompt tokens':>13s}")
+          f"{'prompt tokens':>13s} {'same tokens':>11s}")
     ratios = []
     for B, N in [(int(b), int(n)) for b in args.batches.split(",") for n in args.new_tokens.split(",")]:
         imgs = [Image.fromarray(np.random.default_rng(args.seed + i).integers(0, 255, (336, 448, 3), np.uint8))
                 for i in range(B)]
         prompts = [rollout.Prompt([im], f"What is in picture number {i}?") for i, im in enumerate(imgs)]
-        def hf_inputs():
-            """transformers gets exactly our token ids, left padded (generate's convention); the
-            image preprocessing is timed on both sides (the rollout does its own)."""
-            rows, pvs, grids = [], [], []
-            for p in prompts:
-                ctx = data.Context(p.images, budget.for_originals(1), budget.for_crops(), budget.min_pixels)
-                rows.append(ct.encode_parts(data.prompt_parts([v.display for v in ctx.views], p.question),
-                                            [v.n_tokens for v in ctx.views]))
-                enc = ctx.encoder_inputs(ctx.views, ct)
-                pvs.append(enc["pixel_values"])
-                grids.append(enc["grid_thw"])
-            T = max(len(r) for r in rows)
-            ids = torch.tensor([[sp["bos"]] * (T - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-            return ids, mask, torch.cat(pvs), torch.cat(grids)
-
-        T = hf_inputs()[0].shape[1]
+        T = generate_inputs(prompts, ct, budget, sp["bos"])[0].shape[1]
         limits = rollout.Limits(max_turn_tokens=N, max_new_tokens=N, max_context=T + N + 8)
 
-        def run_ours():
-            return sum(sum(t.policy_mask) for t in rollout.rollout(ours, ct, prompts, 1, rollout.Sampling(greedy=True),
-                                                                   limits, budget))
+        def ours_rollout():
+            return rollout.rollout(ours, ct, prompts, 1, rollout.Sampling(greedy=True), limits, budget)
 
-        def run_hf():
-            ids, mask, pv, grid = hf_inputs()
-            out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid,
-                              max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=sp["bos"])
-            return (out.shape[1] - T) * B
+        def hf_rollout():  # the image preprocessing is timed on both sides (the rollout does its own)
+            return hf_generate(hf, prompts, ct, budget, sp["bos"], sp["image_pad"], N)
 
-        with torch.no_grad():
+        with torch.no_grad():  # the same greedy tokens, or the two would time different work
+            same = sum(h[:len(first_turn(t))].tolist() == first_turn(t) for t, h in zip(ours_rollout(), hf_rollout()))
             res = {}
-            for name, fn in (("ours", run_ours), ("hf", run_hf)):
+            for name, fn in (("ours", lambda: sum(sum(t.policy_mask) for t in ours_rollout())),
+                             ("hf", lambda: hf_rollout().numel())):
                 fn()  # warm-up
                 times, n = [], 0
                 for _ in range(args.iters):
@@ -610,8 +628,10 @@ def cmd_rollout(args):
                     times.append(dt)
                 res[name] = n / statistics.median(times)
         ratios.append(res["ours"] / res["hf"])
-        print(f"{B:5d} {N:10d} {res['ours']:11.0f} {res['hf']:9.0f} {ratios[-1]:13.2f} {T:13d}", flush=True)
-    print("(ours may stop a row early at <|im_end|> or </tool>; tokens/s counts the tokens each generated)")
+        print(f"{B:5d} {N:10d} {res['ours']:11.0f} {res['hf']:9.0f} {ratios[-1]:13.2f} {T:13d} {f'{same}/{B}':>11s}",
+              flush=True)
+    print("(ours may stop a row early at <|im_end|> or </tool>; tokens/s counts the tokens each generated; same "
+          "tokens: rows whose greedy tokens, up to our first stop, are generate's)")
     print(f"rollout speed-up vs generate: min {min(ratios):.2f}x, max {max(ratios):.2f}x")
 
 

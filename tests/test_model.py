@@ -4,8 +4,10 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import encoder
 from model import ViLaVT, config_from_hf, config_to_hf, read_json, rope_index
@@ -273,6 +275,35 @@ def test_kv_cache_rows_at_different_lengths(vanilla, tokenizer):
 
 # -----------------------------------------------------------------------------
 # loading and saving
+
+
+def test_greedy_rollout_is_transformers_generate(hf, vanilla, tokenizer):
+    """bench.py rollout times our rollout against transformers' generate, so both must decode the
+    same thing: a batch of two prompts of different lengths (two image sizes, so generate left-pads
+    one), whose greedy tokens are ours up to our first stop, and whose logits at every step are our
+    model's on the same tokens (so the decode's M-RoPE positions agree: under 5.x generate computes
+    them only when given bench.mm_types's inputs, and without them this fails)."""
+    import data
+    import rollout
+    from bench import first_turn, generate_inputs, hf_generate
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)) for h, w in ((224, 280), (168, 224))]
+    prompts = [rollout.Prompt([im], q) for im, q in zip(images, ("What is this?", "Which colour is the card here?"))]
+    ct, budget, n = data.ChatTokenizer(tokenizer), data.Budget(), 16
+    pad, image_pad, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|image_pad|>", "<|im_end|>"))
+    tokens, scores = hf_generate(hf, prompts, ct, budget, pad, image_pad, n, scores=True)
+    ids, mask, pv, grid = generate_inputs(prompts, ct, budget, pad)
+    assert mask.sum(1).tolist()[0] != mask.sum(1).tolist()[1]
+    patches = pv.split(grid.prod(1).tolist())
+    for b in range(2):  # our model, teacher-forced on the prompt (unpadded) and generate's tokens
+        row = torch.cat([ids[b][mask[b].bool()], tokens[b]])
+        logits = vanilla(row[None], patches[b], grid[b:b + 1])[0, -n - 1:-1]
+        keep = torch.arange(logits.shape[1]) != end  # min_new_tokens holds the end token at -inf
+        assert (logits[:, keep] - scores[b][:, keep]).abs().max() <= 1e-4
+    limits = rollout.Limits(max_turn_tokens=n, max_new_tokens=n, max_context=2048)
+    for t, row in zip(rollout.rollout(vanilla, ct, prompts, 1, rollout.Sampling(greedy=True), limits, budget), tokens):
+        mine = first_turn(t)
+        assert len(mine) > 0 and row[:len(mine)].tolist() == mine
 
 
 def test_stock_folder_loads_as_vanilla(vanilla):
