@@ -461,7 +461,8 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 # the perception stage: a base that can see (issue 12; the paper starts from a pretrained VLM)
 
 
-def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0, share_zoom=0.0):
+def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0, share_zoom=0.0, share_zoom_multi=0.0,
+                       share_colour=0.0):
     """One record and its images: where the asked card is in one scene, or with probability
     share_multi in each of 2-3 (the think names the places as a trajectory's first think does; the
     answer is the cells' bboxes, as its tool call writes them), or read=True: the dots on the card
@@ -470,9 +471,17 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
     trajectory's does ("... has 4 dots. That is option C."). These are one step each. With
     probability share_zoom a reading record is instead a whole single-image chat (_sample: the
     original, the gold tool call, its crop as the tool's answer, the dots read there): a count
-    learnt on a crop alone is not found again beside the original (README, "Learning to look", M1)."""
+    learnt on a crop alone is not found again beside the original (README, "Learning to look", M1).
+    With probability share_zoom_multi such a chat is over 2-3 originals instead (one call, a region
+    in each, the crops encoded as one group): the counts read in a joint group. With probability
+    share_colour a grounding record is instead the trajectories' colour question ("What colour is
+    the largest card?", one step, _sample's): the only record that names a colour it sees."""
+    if not read and share_colour > 0 and rng.random() < share_colour:
+        rec, images = _sample(rng, cfg, geom, display_budget(cfg), ("text-only", True, False, False), name)
+        return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
     if read and share_zoom > 0 and rng.random() < share_zoom:
-        rec, images = _sample(rng, cfg, geom, display_budget(cfg), ("single", bool(rng.random() < share_mc), False, False),
+        category = "multi" if share_zoom_multi > 0 and rng.random() < share_zoom_multi else "single"
+        rec, images = _sample(rng, cfg, geom, display_budget(cfg), (category, bool(rng.random() < share_mc), False, False),
                               name)
         return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
     Wd, Hd, r = geom
@@ -509,10 +518,11 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
 
 
 def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, share_multi=0.5, share_mc=0.0,
-                    share_zoom=0.0, name="perception"):
+                    share_zoom=0.0, share_zoom_multi=0.0, share_colour=0.0, name="perception"):
     """Write out_dir/{name}.jsonl (n records, sft.py's schema: share_read of them reading,
-    share_mc of those multiple choice and share_zoom of them whole single-image chats; the rest
-    grounding, share_multi of those in 2-3 images; _perception_sample) and their images under
+    share_mc of those multiple choice and share_zoom of them whole chats, share_zoom_multi of
+    those over 2-3 images; the rest grounding, share_multi of those in 2-3 images and share_colour
+    of them the colour question instead; _perception_sample) and their images under
     out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
     seed = cfg.seed if seed is None else seed
@@ -524,7 +534,7 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
     with open(path, "w") as f:
         for i in range(n):
             rec, images = _perception_sample(np.random.default_rng(stream + [i]), cfg, geom, f"{name}_{i:05d}", read[i],
-                                              share_multi, share_mc, share_zoom)
+                                              share_multi, share_mc, share_zoom, share_zoom_multi, share_colour)
             for p, img in zip(rec["images"], images):
                 img.save(os.path.join(out_dir, p), compress_level=1)
             f.write(json.dumps(rec) + "\n")
@@ -644,8 +654,11 @@ class Lane:
 
 def side_by_side(lanes, jobs):
     """Run jobs[i](lanes[i]) at once, one thread each; the first to fail stops the others' scripts
-    and its error is raised here, so a failed stage ends the demo as it does run alone."""
+    and its error is raised here, so a failed stage ends the demo as it does run alone. The lanes
+    start unstopped, so lanes that an earlier failure stopped can run again."""
     errors = []
+    for lane in lanes:
+        lane.stopped = False
 
     def work(lane, job):
         try:

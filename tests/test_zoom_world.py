@@ -109,7 +109,8 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
 
 def test_side_by_side_stops_every_lane_when_one_fails(tmp_path):
     """A lane whose script fails stops the other's running script and starts none after it; the
-    failure is raised in the caller. Lanes that succeed run at once, not one after the other."""
+    failure is raised in the caller. Lanes that succeed run at once, not one after the other, the
+    stopped ones too when run again."""
     py = lambda code: [sys.executable, "-c", code]  # noqa: E731
     lanes = [zw.Lane(1, str(tmp_path / "a.log")), zw.Lane(1, str(tmp_path / "b.log"))]
     with pytest.raises(subprocess.CalledProcessError) as e:
@@ -117,7 +118,8 @@ def test_side_by_side_stops_every_lane_when_one_fails(tmp_path):
                                 lambda lane: [lane.call(py("import time; time.sleep(600)")), lane.call(py("print(1)"))]])
     assert e.value.returncode == 3
     assert lanes[1].proc.returncode == -signal.SIGTERM and open(tmp_path / "b.log").read() == ""  # `print(1)` never ran
-    lanes = [zw.Lane(1, str(tmp_path / f"{i}.log")) for i in range(2)]
+    for i, lane in enumerate(lanes):  # the same lanes, stopped by the failure above
+        lane.log = str(tmp_path / f"{i}.log")
     code = "import os, time; t = time.time(); time.sleep(2); print(os.environ['OMP_NUM_THREADS'], t, time.time())"
     zw.side_by_side(lanes, [lambda lane: lane.call(py(code))] * 2)
     (n0, a0, b0), (n1, a1, b1) = [open(tmp_path / f"{i}.log").read().split() for i in range(2)]
@@ -180,6 +182,26 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
         crop = s["context"].views[1]  # cut by the gold call's box: the card's cell
         assert zm.covers(crop.region, r["target_boxes"][0])
         assert f"has {r['scene'][0][0]['value']} dots" in r["steps"][1]["think"]
+    # share_zoom_multi: such a chat over 2-3 originals instead, one call with a region in each (its
+    # crops one encoder group), the dots of every image read in the last think
+    p = zw.make_perception(str(tmp_path), 24, share_read=1.0, share_zoom=1.0, share_zoom_multi=1.0, name="multi")
+    ds = data.TrajectoryDataset(p, str(tmp_path), ct, zw.display_budget())
+    for i, (_, r) in enumerate(ds.records):
+        n, s = len(r["scene"]), ds[i]
+        assert r["category"] == "multi" and n in (2, 3) and len(r["images"]) == n and len(r["steps"]) == 2
+        assert len(s["context"].views) == 2 * n  # and a crop of each, cut by the gold call
+        groups = [v.group for v in s["context"].views]  # the originals one each, then the crops together
+        assert len(set(groups[:n])) == n and len(set(groups[n:])) == 1 and groups[n] not in groups[:n]
+        for j, (crop, cards) in enumerate(zip(s["context"].views[n:], r["scene"])):
+            card = next(c for c in cards if c["color"] in r["question"].split())
+            assert zm.covers(crop.region, r["target_boxes"][j]) and f"image {j}: {card['value']} dots" in r["steps"][1]["think"]
+    # share_colour: a grounding record is the trajectories' colour question instead, whose think
+    # names the colour of the one card it shows
+    p = zw.make_perception(str(tmp_path), 24, share_read=0.0, share_colour=1.0, name="colour")
+    for _, r in data.read_jsonl(p, need_steps=True, need_answer=False)[0]:
+        (card,) = r["scene"][0]
+        assert r["task"] == "largest-color" and len(r["images"]) == 1 and len(r["steps"]) == 1
+        assert f"and it is {card['color']}." in r["steps"][0]["think"] and f"{r['answer']}. {card['color']}" in r["options"]
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
