@@ -37,7 +37,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,8 +65,8 @@ ap.add_argument("--question-inquiry", action="store_true", help="the question is
 ap.add_argument("--rope-theta", type=float, help="the LM's rope_theta (tiny_config: 1e6)")
 ap.add_argument("--merger-scale", type=float, default=1.0, help="multiply the merger's last layer at init")
 ap.add_argument("--question-first", action="store_true", help="the question before the image")
-ap.add_argument("--ramp", type=int, default=0, help="add a colour ramp of this amplitude to every image: red grows "
-                                                    "left to right, blue top to bottom (a position cue in the pixels)")
+ap.add_argument("--ramp", type=int, default=0, help="the world's colour ramp (ZoomWorldConfig.ramp, which --world "
+                                                    "can also set): red grows left to right, blue top to bottom")
 ap.add_argument("--colour-first", action="store_true", help="dense captions name the colour, then the cell")
 ap.add_argument("--oracle", action="store_true", help="hand-made features instead of the tower's (docstring)")
 ap.add_argument("--oracle-pos", action="store_true", help="oracle features also say the quadrant")
@@ -91,8 +90,11 @@ ct = ChatTokenizer(tok, tok)
 # (the world's sentences) has changed since, so the model's init does too, and a rerun's figures
 # are not the table's to the digit (row 23's command at step 0: 27.0% now, 26.5% then).
 LAB_WORLD = dict(card_size=(64, 40), card_border=6, dot_size=8, dot_grid=(4, 2), n_cards=(2, 4), ramp=0)
-cfgw = zw.ZoomWorldConfig(**dict(LAB_WORLD, **{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in json.loads(args.world).items()}))
+# --ramp is the world's own ramp, drawn over the original before any crop as the demo's scenes are
+# (until commit 75b2e1d the lab drew its own over each record's image, so a crop of the `read` task
+# carried a whole ramp of its own: rows 19-29 ran so)
+cfgw = zw.ZoomWorldConfig(**{**LAB_WORLD, "ramp": args.ramp, **{k: tuple(v) if isinstance(v, list) else v
+                                                               for k, v in json.loads(args.world).items()}})
 Wd, Hd, r = zs.geometry(cfgw)
 assert cfgw.grid == (2, 2), "the lab's tasks name the 4 cells of a 2x2 grid"
 CELLS = ["in the top left", "in the top right", "in the bottom left", "in the bottom right"]
@@ -176,11 +178,6 @@ def render(img, q, think):
     prompt = f"Question: {q}\n<image>" if args.question_first else f"<image>{q}"
     rec = {"images": ["in memory"], "question": q, "system": "Look.", "prompt": prompt,
            "steps": [{"think": think, "answer": "done"}], "max_pixels": cfgw.display_max_pixels}
-    if args.ramp:
-        a = np.asarray(img).astype(float)
-        a[..., 0] += np.linspace(-args.ramp, args.ramp, a.shape[1])[None, :]
-        a[..., 2] += np.linspace(-args.ramp, args.ramp, a.shape[0])[:, None]
-        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     with mock.patch.object(data, "load_originals", lambda *a: [img]):
         s = render_sample(rec, "lab", "/", ct, Budget(), data.Initial(inquiry=args.question_inquiry))
     return {k: v for k, v in s.items() if k not in ("context", "text")}
