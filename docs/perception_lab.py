@@ -92,7 +92,7 @@ ct = ChatTokenizer(tok, tok)
 LAB_WORLD = dict(card_size=(64, 40), card_border=6, dot_size=8, dot_grid=(4, 2), n_cards=(2, 4), ramp=0)
 # --ramp is the world's own ramp, drawn over the original before any crop as the demo's scenes are
 # (until commit 75b2e1d the lab drew its own over each record's image, so a crop of the `read` task
-# carried a whole ramp of its own: rows 19-29 ran so)
+# carried a whole ramp of its own: the README table's rows with --ramp 40 ran so)
 cfgw = zw.ZoomWorldConfig(**{**LAB_WORLD, "ramp": args.ramp, **{k: tuple(v) if isinstance(v, list) else v
                                                                for k, v in json.loads(args.world).items()}})
 Wd, Hd, r = zs.geometry(cfgw)
