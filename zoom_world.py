@@ -476,13 +476,14 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
     in each, the crops encoded as one group): the counts read in a joint group. With probability
     share_colour a grounding record is instead the trajectories' colour question ("What colour is
     the largest card?", one step, _sample's): the only record that names a colour it sees."""
+    spec = None  # a trajectory record instead (_sample's spec)
     if not read and share_colour > 0 and rng.random() < share_colour:
-        rec, images = _sample(rng, cfg, geom, display_budget(cfg), ("text-only", True, False, False), name)
-        return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
-    if read and share_zoom > 0 and rng.random() < share_zoom:
+        spec = ("text-only", True, False, False)
+    elif read and share_zoom > 0 and rng.random() < share_zoom:
         category = "multi" if share_zoom_multi > 0 and rng.random() < share_zoom_multi else "single"
-        rec, images = _sample(rng, cfg, geom, display_budget(cfg), (category, bool(rng.random() < share_mc), False, False),
-                              name)
+        spec = (category, bool(rng.random() < share_mc), False, False)
+    if spec is not None:
+        rec, images = _sample(rng, cfg, geom, display_budget(cfg), spec, name)
         return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
     Wd, Hd, r = geom
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
