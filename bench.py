@@ -539,14 +539,13 @@ def cmd_model(args):
 
 
 def generate_inputs(prompts, ct, budget, pad_id):
-    """transformers' generate inputs for rollout.Prompts: exactly our token ids (our Figure 15/16
+    """transformers' generate inputs for rollout.Prompts: exactly our token ids (rollout's own
     rendering), left padded with pad_id (generate's convention), and the images' patches."""
-    import data
+    import rollout
     rows, pvs, grids = [], [], []
     for p in prompts:
-        ctx = data.Context(p.images, budget.for_originals(len(p.images)), budget.for_crops(), budget.min_pixels)
-        rows.append(ct.encode_parts(data.prompt_parts([v.display for v in ctx.views], p.question),
-                                    [v.n_tokens for v in ctx.views]))
+        ctx, ids = rollout.encode_prompt(p, ct, budget)
+        rows.append(ids)
         enc = ctx.encoder_inputs(ctx.views, ct)
         pvs.append(enc["pixel_values"])
         grids.append(enc["grid_thw"])
@@ -616,12 +615,11 @@ def cmd_rollout(args):
         def hf_rollout():  # the image preprocessing is timed on both sides (the rollout does its own)
             return hf_generate(hf, prompts, ct, budget, sp["bos"], sp["image_pad"], N)
 
-        with torch.no_grad():  # the same greedy tokens, or the two would time different work
+        with torch.no_grad():  # the same greedy tokens, or the two would time different work (also the warm-up)
             same = sum(h[:len(first_turn(t))].tolist() == first_turn(t) for t, h in zip(ours_rollout(), hf_rollout()))
             res = {}
             for name, fn in (("ours", lambda: sum(sum(t.policy_mask) for t in ours_rollout())),
                              ("hf", lambda: hf_rollout().numel())):
-                fn()  # warm-up
                 times, n = [], 0
                 for _ in range(args.iters):
                     dt, n = timed(fn, "cpu")

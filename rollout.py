@@ -226,6 +226,13 @@ CACHE_CHUNK = 256  # KV-cache slots added at a time, at least (or half the curre
 
 
 @torch.no_grad()
+def encode_prompt(p, ct, budget=Budget()):
+    """A Prompt's Context (its originals at the budget's size) and its token ids (Figures 15/16)."""
+    ctx = Context.of(p.images, budget, p.max_pixels, p.initial, p.inquiry)
+    parts = prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
+    return ctx, ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
+
+
 def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True,
             blank_crops=False):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.
@@ -248,9 +255,7 @@ def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits
     # length hold padding garbage that its decode steps overwrite before they ever attend to it.
     ctxs, prompt_ids, encs = [], [], []
     for b, p in enumerate(prompts):
-        ctx = Context.of(p.images, budget, p.max_pixels, p.initial, p.inquiry)
-        parts = prompt_parts([v.display for v in ctx.views], p.question, p.system, p.user, p.instructions)
-        ids = ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
+        ctx, ids = encode_prompt(p, ct, budget)
         assert len(ids) + 1 < limits.max_context, f"prompt {b}: {len(ids)} tokens exceed max_context"
         ctxs.append(ctx), prompt_ids.append(ids), encs.append(ctx.encoder_inputs(ctx.views, ct))
     L = max(len(ids) for ids in prompt_ids) - 1
