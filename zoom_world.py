@@ -462,7 +462,7 @@ def make_world(out_dir, n_train=512, n_eval=128, cfg=ZoomWorldConfig(), seed=Non
 
 
 def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0, share_zoom=0.0, share_zoom_multi=0.0,
-                       share_colour=0.0):
+                       share_colour=0.0, share_mc_multi=0.0):
     """One record and its images: where the asked card is in one scene, or with probability
     share_multi in each of 2-3 (the think names the places as a trajectory's first think does; the
     answer is the cells' bboxes, as its tool call writes them), or read=True: the dots on the card
@@ -473,15 +473,17 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
     original, the gold tool call, its crop as the tool's answer, the dots read there): a count
     learnt on a crop alone is not found again beside the original (README, "Learning to look", M1).
     With probability share_zoom_multi such a chat is over 2-3 originals instead (one call, a region
-    in each, the crops encoded as one group): the counts read in a joint group. With probability
-    share_colour a grounding record is instead the trajectories' colour question ("What colour is
+    in each, the crops encoded as one group): the counts read in a joint group, multiple choice with
+    probability share_mc_multi (default 0: the total of the dots, asked numerically; with options as
+    often as the single-image ones, the option look-up of single-image trajectories fell, V2 and V2b
+    in the README's seventh round). With probability share_colour a grounding record is instead the trajectories' colour question ("What colour is
     the largest card?", one step, _sample's): the only record that names a colour it sees."""
     spec = None  # a trajectory record instead (_sample's spec)
     if not read and share_colour > 0 and rng.random() < share_colour:
         spec = ("text-only", True, False, False)
     elif read and share_zoom > 0 and rng.random() < share_zoom:
         category = "multi" if share_zoom_multi > 0 and rng.random() < share_zoom_multi else "single"
-        spec = (category, bool(rng.random() < share_mc), False, False)
+        spec = (category, bool(rng.random() < (share_mc if category == "single" else share_mc_multi)), False, False)
     if spec is not None:
         rec, images = _sample(rng, cfg, geom, display_budget(cfg), spec, name)
         return dict(rec, images=[f"perception/{name}_{j}.png" for j in range(len(images))]), images
@@ -519,10 +521,10 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
 
 
 def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5, share_multi=0.5, share_mc=0.0,
-                    share_zoom=0.0, share_zoom_multi=0.0, share_colour=0.0, name="perception"):
+                    share_zoom=0.0, share_zoom_multi=0.0, share_colour=0.0, share_mc_multi=0.0, name="perception"):
     """Write out_dir/{name}.jsonl (n records, sft.py's schema: share_read of them reading,
     share_mc of those multiple choice and share_zoom of them whole chats, share_zoom_multi of
-    those over 2-3 images; the rest grounding, share_multi of those in 2-3 images and share_colour
+    those over 2-3 images and share_mc_multi of these multiple choice; the rest grounding, share_multi of those in 2-3 images and share_colour
     of them the colour question instead; _perception_sample) and their images under
     out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
@@ -535,7 +537,8 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
     with open(path, "w") as f:
         for i in range(n):
             rec, images = _perception_sample(np.random.default_rng(stream + [i]), cfg, geom, f"{name}_{i:05d}", read[i],
-                                              share_multi, share_mc, share_zoom, share_zoom_multi, share_colour)
+                                              share_multi, share_mc, share_zoom, share_zoom_multi, share_colour,
+                                              share_mc_multi)
             for p, img in zip(rec["images"], images):
                 img.save(os.path.join(out_dir, p), compress_level=1)
             f.write(json.dumps(rec) + "\n")

@@ -195,6 +195,12 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
         for j, (crop, cards) in enumerate(zip(s["context"].views[n:], r["scene"])):
             card = next(c for c in cards if c["color"] in r["question"].split())
             assert zm.covers(crop.region, r["target_boxes"][j]) and f"image {j}: {card['value']} dots" in r["steps"][1]["think"]
+    # share_mc_multi, not share_mc, makes those chats multiple choice (default 0: the totals, numerically)
+    for mc_multi in (0.0, 1.0):
+        p = zw.make_perception(str(tmp_path), 8, share_read=1.0, share_mc=1.0, share_zoom=1.0, share_zoom_multi=1.0,
+                               share_mc_multi=mc_multi, name=f"multi_mc{mc_multi}")
+        recs = [r for _, r in data.read_jsonl(p, need_steps=True, need_answer=False)[0]]
+        assert all(r["category"] == "multi" and (r["options"] is not None) == (mc_multi == 1.0) for r in recs)
     # share_colour: a grounding record is the trajectories' colour question instead, whose think
     # names the colour of the one card it shows
     p = zw.make_perception(str(tmp_path), 24, share_read=0.0, share_colour=1.0, name="colour")
