@@ -225,7 +225,6 @@ def _end_turn(row, tok, model, ct, limits, device, inquiry, blank_crops):
 CACHE_CHUNK = 256  # KV-cache slots added at a time, at least (or half the current size)
 
 
-@torch.no_grad()
 def encode_prompt(p, ct, budget=Budget()):
     """A Prompt's Context (its originals at the budget's size) and its token ids (Figures 15/16)."""
     ctx = Context.of(p.images, budget, p.max_pixels, p.initial, p.inquiry)
@@ -233,6 +232,7 @@ def encode_prompt(p, ct, budget=Budget()):
     return ctx, ct.encode_parts(parts, [v.n_tokens for v in ctx.views])
 
 
+@torch.no_grad()
 def rollout(model, ct, prompts, group_size=1, sampling=Sampling(), limits=Limits(), budget=Budget(), inquiry=True,
             blank_crops=False):
     """Roll out len(prompts) x group_size trajectories; row b*G + g is sample g of prompt b.

@@ -234,6 +234,20 @@ def test_sampling_is_seeded(model, ct):
     assert len({tuple(t.ids) for t in a}) > 1  # samples of one prompt differ
 
 
+def test_rollout_builds_no_graph(model, ct):
+    """Called with gradients on (the Python API, bench.py), the decode loop still keeps no autograd
+    graph: one would hold every step's activations alive through the KV cache."""
+    grad = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: grad.append(o.requires_grad))
+    try:
+        lim = rollout.Limits(max_turn_tokens=4, max_new_tokens=4)
+        with torch.enable_grad():  # this file's fixture turns them off
+            rollout.rollout(model, ct, prompts_of(1), sampling=rollout.Sampling(greedy=True), limits=lim, budget=BUDGET)
+    finally:
+        hook.remove()
+    assert grad and not any(grad)
+
+
 def tool(regions, query="look"):
     return {"region": [{"index": i, "bbox_2d": b} for i, b in regions], "query": query}
 
