@@ -475,9 +475,10 @@ def _perception_sample(rng, cfg, geom, name, read, share_multi=0.5, share_mc=0.0
     With probability share_zoom_multi such a chat is over 2-3 originals instead (one call, a region
     in each, the crops encoded as one group): the counts read in a joint group, multiple choice with
     probability share_mc_multi (default 0: the total of the dots, asked numerically; with options as
-    often as the single-image ones, the option look-up of single-image trajectories fell, V2 and V2b
-    in the README's seventh round). With probability share_colour a grounding record is instead the trajectories' colour question ("What colour is
-    the largest card?", one step, _sample's): the only record that names a colour it sees."""
+    often as the single-image ones, the single-image trajectories' option look-up fell: V2 and V2b in
+    the README's seventh round). With probability share_colour a grounding record is instead the
+    trajectories' colour question ("What colour is the largest card?", one step, _sample's): the
+    only record that names a colour it sees."""
     spec = None  # a trajectory record instead (_sample's spec)
     if not read and share_colour > 0 and rng.random() < share_colour:
         spec = ("text-only", True, False, False)
@@ -524,8 +525,9 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
                     share_zoom=0.0, share_zoom_multi=0.0, share_colour=0.0, share_mc_multi=0.0, name="perception"):
     """Write out_dir/{name}.jsonl (n records, sft.py's schema: share_read of them reading,
     share_mc of those multiple choice and share_zoom of them whole chats, share_zoom_multi of
-    those over 2-3 images and share_mc_multi of these multiple choice; the rest grounding, share_multi of those in 2-3 images and share_colour
-    of them the colour question instead; _perception_sample) and their images under
+    those over 2-3 images and share_mc_multi of these multiple choice; the rest grounding,
+    share_multi of those in 2-3 images and share_colour of them the colour question instead;
+    _perception_sample) and their images under
     out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
     seed = cfg.seed if seed is None else seed
