@@ -266,11 +266,14 @@ def test_kv_cache_rows_at_different_lengths(vanilla, tokenizer):
     out = vanilla(step, position_ids=pos, cache=cache, cache_pos=cache_pos)
     assert (out[0, 0] - vanilla(a[:, :11])[0, -1]).abs().max() <= 1e-4
     assert (out[1, 0] - vanilla(b[:, :8])[0, -1]).abs().max() <= 1e-4
-    # G copies of one prefill equal separate prefills
+    # G copies of one prefill equal separate prefills: the copy is exact, and so the two rows decode
+    # alike (to rounding only: a batched matmul may round its rows differently, e.g. on 2 threads
+    # with AVX-512)
     cache.copy_rows([0], [1])
+    assert all(torch.equal(c.k[0], c.k[1]) and torch.equal(c.v[0], c.v[1]) for c in cache.layers)
     out = vanilla(torch.stack([a[0, 10:11]] * 2), position_ids=torch.full((3, 2, 1), 10),
                   cache=cache, cache_pos=torch.tensor([10, 10]))
-    assert torch.equal(out[0], out[1])
+    assert (out[0] - out[1]).abs().max() <= 1e-5
 
 
 # -----------------------------------------------------------------------------
