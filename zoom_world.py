@@ -527,8 +527,7 @@ def make_perception(out_dir, n, cfg=ZoomWorldConfig(), seed=None, share_read=0.5
     share_mc of those multiple choice and share_zoom of them whole chats, share_zoom_multi of
     those over 2-3 images and share_mc_multi of these multiple choice; the rest grounding,
     share_multi of those in 2-3 images and share_colour of them the colour question instead;
-    _perception_sample) and their images under
-    out_dir/perception/.
+    _perception_sample) and their images under out_dir/perception/.
     Deterministic for a seed (None: cfg.seed) and name; its own random streams, apart from make_world's."""
     seed = cfg.seed if seed is None else seed
     geom = zs.geometry(cfg)
