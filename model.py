@@ -60,7 +60,6 @@ INTEGRATION_POINTS = {
     "late3": lambda depth, full: [i for i in range(depth) if i >= 8],
     "sparse": lambda depth, full: list(full),
 }
-VILAVT_FULLATT = [7, 15]  # ViLaVT's per-image full layers (stock: [7, 15, 23, 31])
 
 
 
@@ -161,7 +160,7 @@ def config_from_hf(d, embedder=None, where="config.json"):
       `vision_config.query_aware_layers` if present, else from `integration_point`.
     - model_type "qwen2_5_vl" alone: the vanilla model (stock schedule, no inquiry path).
     - "qwen2_5_vl" plus an embedder config: ViLaVT built from the two stock checkpoints,
-      with the release's schedule (full layers [7, 15], query-aware layers >= 16).
+      with the release's schedule scaled to the depth (7B: full layers [7, 15], query-aware >= 16).
     """
     mt = d.get("model_type")
     if mt not in ("qwen2_5_vl", "vilavt"):
@@ -195,10 +194,15 @@ def config_from_hf(d, embedder=None, where="config.json"):
             if ip not in INTEGRATION_POINTS:
                 raise ValueError(f"{vw}: unknown integration_point {ip!r} (one of {sorted(INTEGRATION_POINTS)})")
             query = INTEGRATION_POINTS[ip](depth, full)
-    elif embedder is not None:
+    elif embedder is not None:  # the release's schedule for any stock schedule: the first half of the stock
+        # full layers (rounded up) kept, every layer after them query-aware. 7B: stock [7, 15, 23, 31] -> full
+        # [7, 15], query-aware 16-31, as released; the demo's tower: stock [3, 7] -> full [3], query-aware 4-7,
+        # model.tiny_config's ViLaVT
         inquiry = inquiry_config_from_hf(embedder, "embedder config.json")
-        full = [i for i in VILAVT_FULLATT if i < depth]
-        query = INTEGRATION_POINTS["late"](depth, full)
+        if not full:
+            raise ValueError(f"{vw}: fullatt_block_indexes is empty: no stock schedule to build ViLaVT's from")
+        full = sorted(full)[:(len(full) + 1) // 2]
+        query = list(range(full[-1] + 1, depth))
     else:
         query = []
     if any(not 0 <= i < depth for i in query + full):

@@ -14,8 +14,9 @@ zoom_scenes.py draws its images, zoom_metrics.py holds its instruments (the resu
 probes); zoom_figure4.py is the encoder's own experiment on the same cards. Folders under out/
 (out/smoke/ with --smoke), each stage starting from the previous one's `latest`:
 
-    zoom/  tiny-base[-vanilla]/  look[-vanilla]/  read[-vanilla]/  sft[-vanilla]/  grpo[-vanilla]/
-    logs/ (vilavt.log, vanilla.log: the two pipelines run side by side, each script's output here)
+    zoom/  tiny-base/ (stock)  tiny-embedder/  look/  read/  sft[-vanilla]/  grpo[-vanilla]/
+    logs/ (perception.log; vilavt.log, vanilla.log: the two pipelines from `read` on run side by side;
+           each script's output)
     demo/ (<row>.jsonl, results.json, .md, probes.json)
 
 Resumable: a stage whose output is complete and newer than its input is skipped, a training run
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer  # the tokenizer class only, no modeling code
 
 import rollout  # its checkpoint loader
@@ -89,6 +91,24 @@ def build_tiny_base(out_dir, seed=0, vanilla=False):
     model.save_pretrained(tmp)
     if not vanilla:
         tok.save_pretrained(os.path.join(tmp, "query_tokenizer"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def build_tiny_embedder(out_dir, seed=1):
+    """The tiny ViLaVT's random inquiry encoder saved as a Qwen3-Embedding folder (a Qwen3Model's
+    config.json and keys, the tiny tokenizer), for `sft.py --embedder`: the demo turns its stock
+    base into ViLaVT as a 7B user turns Qwen2.5-VL-7B into it (README)."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tokenizer(tmp)
+    tok = AutoTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    model = ViLaVT(tiny_config(len(tok), tok.convert_tokens_to_ids("<|image_pad|>")))
+    model.init_weights()  # ViLaVT's init choices; the text encoder's part is kept
+    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()},
+              os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    atomic_write(os.path.join(tmp, "config.json"), json.dumps(model.cfg.inquiry.raw, indent=1) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
@@ -775,28 +795,40 @@ def main(argv=None):
     t0, times = time.time(), {}
     zoom = os.path.join(root, "zoom")
     make_data(zoom, preset["world"], preset["perception"])
-    for v in ("", "-vanilla"):
-        if not os.path.exists(os.path.join(root, "tiny-base" + v, "config.json")):
-            print(f"building the random tiny base model {root}/tiny-base{v}", flush=True)
-            build_tiny_base(os.path.join(root, "tiny-base" + v), vanilla=v != "")
+    base, embedder = os.path.join(root, "tiny-base"), os.path.join(root, "tiny-embedder")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        print(f"building the random tiny stock base model {base}", flush=True)
+        build_tiny_base(base, vanilla=True)
+    if not os.path.exists(os.path.join(embedder, "config.json")):
+        print(f"building the random tiny inquiry encoder {embedder}", flush=True)
+        build_tiny_embedder(embedder)
     times["data and bases"] = time.time() - t0
-    # The ViLaVT pipeline and its vanilla twin share nothing until eval, so they run side by side,
-    # each with half the cores and its output in out/logs/: a model this small gains only 1.4x from
-    # a second thread (a `read` step: 1.06 s on one, 0.74 s on two), while two one-thread scripts at
-    # once keep their speed (0.98-1.01 s), so the pair takes ~0.7 of the time one after the other.
+    # The paper's order in miniature: the perception stages make a stock model that can see (the
+    # miniature Qwen2.5-VL-7B), once, with every core; then ViLaVT is built from it and the tiny
+    # inquiry encoder (`sft.py --embedder`, as at 7B: the new layers initialised, the query-aware
+    # layers 4-7 switched from window to full attention, 1% of the features' norm on the first
+    # `look` model) and its vanilla twin keeps it as it is. The two pipelines then share nothing
+    # until eval, so they run side by side, each with half the cores and its output in out/logs/:
+    # a model this small gains only 1.4x from a second thread (a `read` step: 1.06 s on one, 0.74 s
+    # on two), while two one-thread scripts at once keep their speed (0.98-1.01 s).
+    # torchrun --nproc_per_node 2 on the CPU gained only 1.13x (0.92 s; FSDP's collectives per block).
+    for stage, model, data in (("look", "tiny-base", "perception_look.jsonl"), ("read", "look/latest", "perception_read.jsonl")):
+        ts = time.time()
+        train("sft.py", os.path.join(root, model), os.path.join(zoom, data), os.path.join(root, stage), preset[stage],
+              Lane(torch.get_num_threads(), os.path.join(root, "logs", "perception.log")))
+        times[stage] = time.time() - ts
     t = time.time()
     lanes = [Lane(max(1, torch.get_num_threads() // 2), os.path.join(root, "logs", name + ".log"))
              for name in ("vilavt", "vanilla")]
 
     def pipeline(v):
-        def job(lane):  # (stage, its script, the model it starts from, its data)
-            for stage, script, model, data in (("look", "sft", f"tiny-base{v}", "perception_look.jsonl"),
-                                               ("read", "sft", f"look{v}/latest", "perception_read.jsonl"),
-                                               ("sft", "sft", f"read{v}/latest", "train_rehearse.jsonl"),
-                                               ("grpo", "grpo", f"sft{v}/latest", "train.jsonl")):
+        def job(lane):  # (stage, its script, the model it starts from, its data, extra flags)
+            for stage, script, model, data, extra in (
+                    ("sft", "sft", "read/latest", "train_rehearse.jsonl", "" if v else f" --embedder {embedder}"),
+                    ("grpo", "grpo", f"sft{v}/latest", "train.jsonl", "")):
                 ts = time.time()
                 train(script + ".py", os.path.join(root, model), os.path.join(zoom, data),
-                      os.path.join(root, stage + v), preset[stage], lane)
+                      os.path.join(root, stage + v), preset[stage] + extra, lane)
                 times[stage + v] = time.time() - ts
         return job
     side_by_side(lanes, [pipeline(""), pipeline("-vanilla")])
@@ -837,8 +869,8 @@ def main(argv=None):
     atomic_write(os.path.join(demo, "results.md"), zm.demo_table(rows))
     print("\n" + zm.demo_table(rows) + f"\nwrote {os.path.join(demo, 'results.json')}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) +
-          f"; in all {(time.time() - t0) / 60:.1f} min ({lanes[0].threads} thread(s) per script, two scripts at "
-          f"once; the probes {torch.get_num_threads()})")
+          f"; in all {(time.time() - t0) / 60:.1f} min (look and read {torch.get_num_threads()} thread(s), then "
+          f"{lanes[0].threads} per script, two scripts at once; the probes {torch.get_num_threads()})")
     return rows
 
 
