@@ -43,17 +43,23 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    commands = re.findall(r"^\$ OMP_NUM_THREADS=\d+ python (.*) >> (.*) 2>&1$", p.stdout, re.M)
-    assert len(commands) == 8 + 6  # 2 x (look, read, sft, grpo), 6 eval rows
-    # the two pipelines side by side: both start before either goes on, each writing its own log
-    first = [c for c, log in commands[:2]]
-    assert sorted(c.split(" --data")[0] for c in first) == sorted(
-        f"{ROOT}/sft.py --model out/smoke/tiny-base{v}" for v in ("", "-vanilla")), first
-    logs = {log for c, log in commands}
-    assert logs == {"out/smoke/logs/vilavt.log", "out/smoke/logs/vanilla.log"}
+    commands = re.findall(r"^\$ OMP_NUM_THREADS=(\d+) python (.*) >> (.*) 2>&1$", p.stdout, re.M)
+    assert len(commands) == 2 + 4 + 6  # look and read once, 2 x (sft, grpo), 6 eval rows
+    # the perception stages once, on the stock base, with every core; then the two pipelines side by
+    # side from `read`: both start before either goes on, each writing its own log
+    threads = str(torch.get_num_threads())
+    assert [(n, c.split(" --data")[0], log) for n, c, log in commands[:2]] == [
+        (threads, f"{ROOT}/sft.py --model out/smoke/{m}", "out/smoke/logs/perception.log")
+        for m in ("tiny-base", "look/latest")]
+    first = [c for n, c, log in commands[2:4]]
+    assert sorted(c.split(" --data")[0] for c in first) == [f"{ROOT}/sft.py --model out/smoke/read/latest"] * 2, first
+    assert sorted(c.endswith("--embedder out/smoke/tiny-embedder") for c in first) == [False, True], first
+    logs = {log for n, c, log in commands}
+    assert logs == {"out/smoke/logs/perception.log", "out/smoke/logs/vilavt.log", "out/smoke/logs/vanilla.log"}
     for log in logs:
         text = open(tmp_path / log).read()  # the scripts' own output, in the lane's log: sft.py's and eval.py's
-        assert "8 samples (0 bad)" in text and "| total |" in text, text[-2000:]
+        assert re.search(r"^\d+ samples \(0 bad\) \| world 1 ", text, re.M), text[-2000:]  # sft.py's summary
+        assert ("| total |" in text) == (log != "out/smoke/logs/perception.log"), text[-2000:]
     for stage in ("sft.py --model out/smoke/tiny-base --data out/smoke/zoom/perception_look.jsonl",
                   "sft.py --model out/smoke/look/latest --data out/smoke/zoom/perception_read.jsonl",
                   "sft.py --model out/smoke/read/latest --data out/smoke/zoom/train_rehearse.jsonl",
@@ -62,14 +68,15 @@ def test_smoke_runs_every_stage_from_the_previous_checkpoint(tmp_path):
         assert f"{ROOT}/{stage}" in p.stdout, stage  # each stage's command line, as a user types it
     smoke = tmp_path / "out" / "smoke"
     real = lambda p: os.path.realpath(p)  # noqa: E731
+    look_meta = json.load(open(smoke / "look" / "latest" / "meta.json"))
+    read_meta = json.load(open(smoke / "read" / "latest" / "meta.json"))
+    assert real(look_meta["init_from"]) == real(smoke / "tiny-base") and look_meta["step"] == 2  # 8 / 4
+    assert real(read_meta["init_from"]) == real(smoke / "look" / "latest") and read_meta["step"] == 2
+    assert json.load(open(smoke / "read" / "latest" / "config.json"))["model_type"] == "qwen2_5_vl"  # stock
     for v in ("", "-vanilla"):
-        look_meta = json.load(open(smoke / f"look{v}" / "latest" / "meta.json"))
-        read_meta = json.load(open(smoke / f"read{v}" / "latest" / "meta.json"))
         sft_meta = json.load(open(smoke / f"sft{v}" / "latest" / "meta.json"))
         grpo_meta = json.load(open(smoke / f"grpo{v}" / "latest" / "meta.json"))
-        assert real(look_meta["init_from"]) == real(smoke / f"tiny-base{v}") and look_meta["step"] == 2  # 8 / 4
-        assert real(read_meta["init_from"]) == real(smoke / f"look{v}" / "latest") and read_meta["step"] == 2
-        assert real(sft_meta["init_from"]) == real(smoke / f"read{v}" / "latest") and sft_meta["step"] == 10  # 20 / 2
+        assert real(sft_meta["init_from"]) == real(smoke / "read" / "latest") and sft_meta["step"] == 10  # 20 / 2
         assert real(grpo_meta["init_from"]) == real(smoke / f"sft{v}" / "latest") and grpo_meta["step"] == 2
         config = json.load(open(smoke / f"grpo{v}" / "latest" / "config.json"))
         assert (config["model_type"] == "vilavt") == (v == "")  # the vanilla pipeline has no inquiry path
@@ -208,6 +215,35 @@ def test_perception_records_load_and_show_what_they_say(tmp_path, tokenizer):
         (card,) = r["scene"][0]
         assert r["task"] == "largest-color" and len(r["images"]) == 1 and len(r["steps"]) == 1
         assert f"and it is {card['color']}." in r["steps"][0]["think"] and f"{r['answer']}. {card['color']}" in r["options"]
+
+
+def test_stock_tiny_base_plus_tiny_embedder_is_the_tiny_vilavt(tmp_path):
+    """The demo's ViLaVT is built as at 7B (`sft.py --model stock --embedder folder`): from the stock
+    tiny base and build_tiny_embedder's folder it gets model.tiny_config's ViLaVT schedule (full
+    layer 3, query-aware 4-7), the stock weights as saved, and the embedder's weights as its
+    inquiry encoder. transformers' Qwen3Model, the oracle, reads the embedder folder and gives
+    the same last_hidden_state as our encoder."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3Model
+    base, emb = str(tmp_path / "base"), str(tmp_path / "emb")
+    zw.build_tiny_base(base, vanilla=True)
+    zw.build_tiny_embedder(emb)
+    stock = ViLaVT.from_pretrained(base)
+    m = ViLaVT.from_pretrained(base, emb)
+    want = tiny_config(m.cfg.lm.vocab_size, m.cfg.lm.image_token_id).vision
+    assert stock.cfg.vision.fullatt_block_indexes == (3, 7) and stock.cfg.vision.query_layers == ()
+    assert (m.cfg.vision.fullatt_block_indexes, m.cfg.vision.query_layers) == (want.fullatt_block_indexes, want.query_layers)
+    assert set(m.state_dict()) == set(ViLaVT(tiny_config(m.cfg.lm.vocab_size, m.cfg.lm.image_token_id)).state_dict())
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in stock.state_dict().items())
+    saved = load_file(os.path.join(emb, "model.safetensors"))
+    assert saved and all(torch.equal(sd["text_encoder." + k], v) for k, v in saved.items())
+    ids = torch.randint(0, m.cfg.lm.vocab_size, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    ref = Qwen3Model.from_pretrained(emb, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want_h, got_h = ref(input_ids=ids, attention_mask=mask).last_hidden_state, m.text_encoder(ids, mask)
+    assert torch.allclose(got_h[mask.bool()], want_h[mask.bool()], atol=1e-5), (got_h - want_h).abs().max()
 
 
 def test_tiny_preset_sft_learns(tmp_path, tokenizer):
