@@ -593,8 +593,8 @@ PRESETS = {
         # them it forgot the reading: 38% on the records themselves after `read`, 20% after SFT).
         # `read` runs 4 epochs: at 2 it read 77-81% of the held-out crops, at 4 (one schedule) 95%
         # with the grounding kept at 100%, and its SFT model scored +7.7 +- 3.2 on validation
-        # (README, eighth round, E4); at 3, 90% and -8.2 +- 2.5 against 4 (ninth round, E3). It
-        # costs about 20 more minutes of the demo's time (67.9 in all on the README's machine)
+        # (README, eighth round, E4); at 3, 90% and -8.2 +- 2.5 against 4 (ninth round, E3). It is
+        # half the demo's time (24.8 of 48.0 minutes with 2 threads on the README's machine)
         perception=dict(look=dict(n=8000, share_read=0.0, share_multi=0.0),
                         read=dict(n=9000, share_read=0.55, share_multi=0.75, share_mc=0.5, share_zoom=0.333),
                         heldout=200, rehearse=1024),
