@@ -230,11 +230,12 @@ def test_stock_tiny_base_plus_tiny_embedder_is_the_tiny_vilavt(tmp_path):
     zw.build_tiny_embedder(emb)
     stock = ViLaVT.from_pretrained(base)
     m = ViLaVT.from_pretrained(base, emb)
-    want = tiny_config(m.cfg.lm.vocab_size, m.cfg.lm.image_token_id).vision
+    tiny = tiny_config(m.cfg.lm.vocab_size, m.cfg.lm.image_token_id)
     assert stock.cfg.vision.fullatt_block_indexes == (3, 7) and stock.cfg.vision.query_layers == ()
-    assert (m.cfg.vision.fullatt_block_indexes, m.cfg.vision.query_layers) == (want.fullatt_block_indexes, want.query_layers)
-    assert set(m.state_dict()) == set(ViLaVT(tiny_config(m.cfg.lm.vocab_size, m.cfg.lm.image_token_id)).state_dict())
+    assert (m.cfg.vision.fullatt_block_indexes, m.cfg.vision.query_layers) == (
+        tiny.vision.fullatt_block_indexes, tiny.vision.query_layers)
     sd = m.state_dict()
+    assert set(sd) == set(ViLaVT(tiny).state_dict())
     assert all(torch.equal(sd[k], v) for k, v in stock.state_dict().items())
     saved = load_file(os.path.join(emb, "model.safetensors"))
     assert saved and all(torch.equal(sd["text_encoder." + k], v) for k, v in saved.items())
